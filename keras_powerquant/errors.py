@@ -1,0 +1,30 @@
+"""Exceptions raised by keras-powerquant.
+
+Every error the library raises on purpose derives from `PowerQuantError`, so
+callers (the `kpq` CLI among them) can tell a bad input, reported with a
+message meant for the user, from a bug.
+"""
+
+
+class PowerQuantError(Exception):
+    """Base class of the errors keras-powerquant raises on purpose."""
+
+
+class ModelLoadError(PowerQuantError):
+    """A model file or folder could not be read as a Keras model."""
+
+
+class UnsupportedModelError(PowerQuantError):
+    """The model is valid Keras but cannot be converted (e.g. subclassed)."""
+
+
+class InvalidModelError(PowerQuantError):
+    """The model's weights are unusable (NaN or Inf, for example)."""
+
+
+class CalibrationDataError(PowerQuantError, ValueError):
+    """Calibration data does not match the model's inputs."""
+
+
+class ExportError(PowerQuantError):
+    """An export target is unusable or would overwrite an existing version."""
