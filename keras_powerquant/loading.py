@@ -1,0 +1,640 @@
+"""Loading Keras models from files, including legacy Keras 2 / tf.keras HDF5.
+
+Keras 3 reads `.keras` archives and most legacy `.h5` files, but refuses some
+real Keras 2 files: layer configs that carry arguments Keras 3 layers no
+longer accept (`groups=1` on `DepthwiseConv2D`, `time_major=False` on RNNs),
+and Keras 2.1/2.2-era Sequential configs. This module repairs such configs in
+memory, never touching the input file, and reports each repair as a note.
+
+The format of a file is detected from its content (HDF5 or zip signature), so
+an unusual extension does not stop a valid model from loading.
+"""
+
+import copy
+import functools
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import zipfile
+
+import h5py
+import keras
+
+from keras_powerquant.errors import ModelLoadError
+from keras_powerquant.errors import UnsupportedModelError
+
+logger = logging.getLogger("keras_powerquant")
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+
+# Arguments that Keras 2 / tf.keras wrote into layer configs and that Keras 3
+# layers no longer accept, with the one value at which they have no effect.
+# Such an argument is dropped only when it holds this value; any other value
+# would change the model, so it is an error.
+#   groups: tf.keras 2.3+ Conv.get_config, inherited by DepthwiseConv*,
+#       SeparableConv* and Conv*Transpose, which have no grouping in Keras 3.
+#   time_major: tf.keras 2.x RNN.get_config (LSTM, GRU, SimpleRNN, ...).
+_NEUTRAL_VALUES = {
+    "groups": 1,
+    "time_major": False,
+}
+
+# Layer-config keys that Keras 3's legacy loader consumes itself before it
+# instantiates the layer (see keras.src.legacy.saving.saving_utils).
+_KEYS_HANDLED_BY_KERAS = frozenset({"batch_input_shape"})
+
+_MODEL_CLASS_NAMES = ("Sequential", "Functional", "Model")
+
+# `kwargs.pop("name"...)` or `"name" in kwargs` in an `__init__` body: the
+# keyword arguments a layer takes out of **kwargs by hand.
+_KWARGS_NAME_RE = re.compile(
+    r"""kwargs\.pop\(\s*["'](\w+)["']|["'](\w+)["']\s+in\s+kwargs\b"""
+)
+
+
+class _RepairError(Exception):
+    """A layer config that cannot be repaired without changing the model."""
+
+
+def load_model_with_notes(path):
+    """Loads a Keras model file and reports the legacy repairs applied.
+
+    `.keras` archives are loaded with `keras.saving.load_model` in safe mode.
+    Legacy HDF5 files (`.h5`, `.hdf5`, from Keras 2 or tf.keras) are loaded
+    with Keras 3's legacy loader after their model config has been repaired
+    in memory; the file itself is opened read-only and never modified. The
+    format is detected from the file's content, not its extension.
+
+    Args:
+        path: `str` or `os.PathLike`, the model file (`.keras`, `.h5`,
+            `.hdf5`, or any name holding one of those formats), or a folder
+            saved by Keras 3 in its directory format.
+
+    Returns:
+        A tuple `(model, notes)`: the uncompiled `keras.Model` and a list of
+        human-readable strings, one per legacy repair applied (for example
+        "dropped unsupported argument groups=1 from DepthwiseConv2D
+        'depthwise_conv2d'"). The list is empty when nothing was repaired.
+
+    Raises:
+        ModelLoadError: if the path does not exist, is a TensorFlow
+            SavedModel or another folder, is not a model file (text, NumPy
+            archive, empty, truncated or corrupt), holds only weights, or
+            Keras cannot rebuild the model from it.
+        UnsupportedModelError: if the file is a valid Keras 2 model that uses
+            a layer argument Keras 3 cannot represent (e.g.
+            `DepthwiseConv2D(groups=2)`).
+        TypeError: if `path` is not a `str` or `os.PathLike`.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            "load_model_with_notes() expects a file path (str or "
+            f"os.PathLike); received {type(path).__name__}."
+        )
+    path = os.fspath(path)
+    notes = []
+    if not os.path.exists(path):
+        raise ModelLoadError(f"Model path '{path}' does not exist.")
+    if os.path.isdir(path):
+        model = _load_directory(path)
+    else:
+        fmt = _sniff_format(path)
+        if fmt == "hdf5":
+            model = _load_hdf5(path, notes)
+        elif fmt == "zip":
+            model = _load_keras_archive(path)
+        else:
+            raise ModelLoadError(_not_a_model_message(path, fmt))
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(
+            f"'{path}' describes a {type(model).__name__}, not a Keras model."
+        )
+    return model, notes
+
+
+def load_model(path):
+    """Loads a Keras model file, repairing legacy Keras 2 configs if needed.
+
+    Same as `load_model_with_notes(path)` without the list of notes; the
+    repairs are still logged at INFO level on the "keras_powerquant" logger.
+
+    Args:
+        path: `str` or `os.PathLike`, the model file (`.keras`, `.h5`,
+            `.hdf5`) or a Keras 3 model folder.
+
+    Returns:
+        The uncompiled `keras.Model`.
+
+    Raises:
+        ModelLoadError: if the path cannot be read as a Keras model (see
+            `load_model_with_notes`).
+        UnsupportedModelError: if the file uses a layer argument Keras 3
+            cannot represent.
+        TypeError: if `path` is not a `str` or `os.PathLike`.
+    """
+    model, _ = load_model_with_notes(path)
+    return model
+
+
+def check_convertible(model):
+    """Checks that a model's layer graph is known, so it can be converted.
+
+    Functional models and built Sequential models pass. Subclassed models
+    (a `keras.Model` subclass with its own `call`) do not: their computation
+    is Python code, not a graph of layers.
+
+    Args:
+        model: the object to check.
+
+    Returns:
+        None.
+
+    Raises:
+        UnsupportedModelError: if `model` is not a `keras.Model`, is a
+            subclassed model, or is a Sequential model without a defined
+            input shape. The message says what to do instead.
+    """
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            f"Expected a keras.Model, got {type(model).__name__}; load the "
+            "model first, e.g. with keras_powerquant.loading.load_model(path)."
+        )
+    name = getattr(model, "name", "?")
+    if isinstance(model, keras.Sequential):
+        if type(model).call is not keras.Sequential.call:
+            raise UnsupportedModelError(_subclassed_message(model))
+        if not model.layers:
+            raise UnsupportedModelError(
+                f"Sequential model '{name}' has no layers; add layers to it "
+                "before converting."
+            )
+        try:
+            model.inputs
+        except (AttributeError, ValueError):
+            raise UnsupportedModelError(
+                f"Sequential model '{name}' has no defined input shape, so "
+                "its layer graph is unknown; add keras.Input(shape=...) as "
+                "its first layer, or call it once on a batch of data, before "
+                "converting."
+            ) from None
+        return
+    from keras.src.models.functional import Functional as functional_cls
+
+    if isinstance(model, functional_cls):
+        if type(model).call is not functional_cls.call:
+            raise UnsupportedModelError(_subclassed_message(model))
+        return
+    raise UnsupportedModelError(_subclassed_message(model))
+
+
+def _subclassed_message(model):
+    return (
+        f"Model '{model.name}' is a subclassed model "
+        f"({type(model).__name__}), whose computation is Python code rather "
+        "than a graph of layers, so it cannot be converted; rebuild it with "
+        "the functional API (keras.Input, layer calls, keras.Model(inputs, "
+        "outputs)) or as a keras.Sequential, load the trained weights into "
+        "it, and convert that."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Format detection and non-HDF5 inputs.
+
+
+def _sniff_format(path):
+    """Returns "hdf5", "zip", "empty" or "unknown" from the file's content."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Model file '{path}' cannot be read ({_brief(exc)})."
+        ) from exc
+    if not head:
+        return "empty"
+    if head == _HDF5_SIGNATURE:
+        return "hdf5"
+    if head[:4] in _ZIP_SIGNATURES:
+        return "zip"
+    # HDF5 files may start with a user block (signature at 512, 1024, ...).
+    try:
+        if h5py.is_hdf5(path):
+            return "hdf5"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _not_a_model_message(path, fmt):
+    if fmt == "empty":
+        return f"Model file '{path}' is empty (0 bytes)."
+    if os.path.basename(path) in ("saved_model.pb", "saved_model.pbtxt"):
+        return _savedmodel_message(os.path.dirname(path) or ".")
+    return (
+        f"'{path}' is not a Keras model file: its content is neither a "
+        ".keras (zip) archive nor a legacy .h5 (HDF5) file."
+    )
+
+
+def _savedmodel_message(path):
+    return (
+        f"'{path}' is a TensorFlow SavedModel, from which Keras 3 cannot "
+        "rebuild layers; re-save the model as .keras or .h5 from the Keras "
+        "that trained it (e.g. model.save(\"model.keras\"), or with tf_keras: "
+        f"tf_keras.models.load_model(\"{path}\").save(\"model.h5\"))."
+    )
+
+
+def _load_directory(path):
+    for name in ("saved_model.pb", "saved_model.pbtxt"):
+        if os.path.isfile(os.path.join(path, name)):
+            raise ModelLoadError(_savedmodel_message(path))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        # Keras 3's directory format: an unzipped .keras archive.
+        return _call_keras(
+            path, lambda: keras.saving.load_model(path, compile=False)
+        )
+    raise ModelLoadError(
+        f"'{path}' is a directory but neither a TensorFlow SavedModel nor a "
+        "Keras model folder; pass the path of a .keras or .h5 model file."
+    )
+
+
+def _load_keras_archive(path):
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(
+            f"'{path}' looks like a zip archive but is corrupt or truncated "
+            f"({_brief(exc)})."
+        ) from exc
+    if "config.json" not in names:
+        if names and all(n.endswith(".npy") for n in names):
+            what = "a NumPy .npz archive"
+        else:
+            what = "a zip archive without config.json"
+        raise ModelLoadError(
+            f"'{path}' is {what}, not a Keras .keras model archive."
+        )
+    if path.endswith(".keras"):
+        return _call_keras(
+            path, lambda: keras.saving.load_model(path, compile=False)
+        )
+    # keras.saving.load_model insists on the .keras extension; the archive
+    # loader it calls accepts an open file whatever its name.
+    from keras.src.saving import saving_lib
+
+    logger.info("Loading '%s' as a .keras archive (detected by content).", path)
+
+    def load():
+        with open(path, "rb") as fh:
+            return saving_lib.load_model(fh, compile=False, safe_mode=True)
+
+    return _call_keras(path, load)
+
+
+# ---------------------------------------------------------------------------
+# Legacy HDF5.
+
+
+def _load_hdf5(path, notes):
+    from keras.src.legacy.saving import legacy_h5_format
+
+    try:
+        src = h5py.File(path, "r")
+    except OSError as exc:
+        raise ModelLoadError(
+            f"'{path}' is a truncated or corrupt HDF5 file and cannot be "
+            f"opened ({_brief(exc)})."
+        ) from exc
+    with src:
+        config = _read_model_config(src, path)
+        repaired = copy.deepcopy(config)
+        try:
+            _repair_model(repaired, notes)
+        except _RepairError as exc:
+            raise UnsupportedModelError(
+                f"Cannot load '{path}' with Keras 3: {exc}"
+            ) from None
+        for note in notes:
+            logger.info("Repaired legacy model config of '%s': %s", path, note)
+        if repaired == config:
+            return _call_keras(
+                path,
+                lambda: legacy_h5_format.load_model_from_hdf5(
+                    src, compile=False
+                ),
+            )
+        with _in_memory_copy(src, repaired, path) as mem:
+            return _call_keras(
+                path,
+                lambda: legacy_h5_format.load_model_from_hdf5(
+                    mem, compile=False
+                ),
+            )
+
+
+def _read_model_config(f, path):
+    try:
+        raw = f.attrs.get("model_config")
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(
+            f"'{path}' is a corrupt HDF5 file: its model_config attribute "
+            f"cannot be read ({_brief(exc)})."
+        ) from exc
+    if raw is None:
+        if _looks_like_weights_file(f):
+            raise ModelLoadError(
+                f"'{path}' contains only weights, not a model architecture; "
+                "it needs the code that defines the model: build the model, "
+                "call model.load_weights(path) and pass the model object "
+                "instead."
+            )
+        raise ModelLoadError(
+            f"'{path}' is an HDF5 file but not a Keras model (it has no "
+            "model_config attribute)."
+        )
+    if hasattr(raw, "decode"):
+        raw = raw.decode("utf-8")
+    try:
+        config = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"'{path}' has a model_config attribute that is not valid JSON "
+            f"({_brief(exc)})."
+        ) from exc
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ModelLoadError(
+            f"'{path}' has a model_config attribute that is not a Keras "
+            "model config."
+        )
+    return config
+
+
+def _looks_like_weights_file(f):
+    try:
+        # Keras 2 / tf.keras save_weights() writes layer_names at the root;
+        # Keras 3 .weights.h5 files hold "layers" and "vars" groups.
+        return "layer_names" in f.attrs or "layers" in f or "vars" in f
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+class _in_memory_copy:
+    """An in-memory HDF5 file with `src`'s weights and a new model config."""
+
+    def __init__(self, src, config, path):
+        self._src, self._config, self._path = src, config, path
+        self._file = None
+
+    def __enter__(self):
+        try:
+            self._file = h5py.File(io.BytesIO(), "w")
+            for key in ("keras_version", "backend"):
+                if key in self._src.attrs:
+                    self._file.attrs[key] = self._src.attrs[key]
+            self._file.attrs["model_config"] = json.dumps(self._config)
+            if "model_weights" in self._src:
+                self._src.copy(self._src["model_weights"], self._file)
+        except (OSError, KeyError, ValueError) as exc:
+            self.__exit__(None, None, None)
+            raise ModelLoadError(
+                f"'{self._path}' is a corrupt HDF5 file: its weights cannot "
+                f"be read ({_brief(exc)})."
+            ) from exc
+        return self._file
+
+    def __exit__(self, *exc_info):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return False
+
+
+def _call_keras(path, load):
+    """Runs a Keras loader, turning its failures into one-line errors."""
+    try:
+        return load()
+    except Exception as exc:  # Keras raises many types for a bad file.
+        text = str(exc)
+        if "safe_mode" in text or "unsafe_deserialization" in text:
+            raise ModelLoadError(
+                f"'{path}' contains a Lambda layer (Python code), which Keras "
+                "refuses to load in safe mode; if you trust the file, load "
+                "it yourself with keras.saving.load_model(path, "
+                "safe_mode=False) and pass the model object instead."
+            ) from exc
+        hint = ""
+        if "Unknown layer" in text or "Could not locate class" in text:
+            hint = (
+                "; it uses a custom layer: load it yourself with "
+                "custom_objects=... and pass the model object instead"
+            )
+        raise ModelLoadError(
+            f"Keras 3 cannot rebuild the model in '{path}' "
+            f"({_brief(exc)}){hint}."
+        ) from exc
+
+
+def _brief(exc, limit=240):
+    """The first line of an exception's message, shortened."""
+    text = " ".join(str(exc).split("\n", 1)[0].split())
+    if not text:
+        text = type(exc).__name__
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Config repairs. Each repair appends one note; anything it cannot repair
+# faithfully raises _RepairError.
+
+
+def _repair_model(model_config, notes):
+    class_name = model_config.get("class_name")
+    if class_name == "Sequential":
+        _repair_sequential(model_config, notes)
+    elif class_name in ("Functional", "Model"):
+        config = model_config.get("config")
+        if isinstance(config, dict):
+            for layer in config.get("layers", []):
+                _repair_layer(layer, notes)
+    else:
+        _repair_layer(model_config, notes)
+
+
+def _repair_sequential(model_config, notes):
+    config = model_config.get("config")
+    if isinstance(config, list):
+        # Keras <= 2.2.2 stored a Sequential config as the bare layer list;
+        # Keras 3's Sequential.from_config needs {"name", "layers"}.
+        name = model_config.get("name") or "sequential"
+        config = {"name": name, "layers": config}
+        model_config["config"] = config
+        notes.append(
+            f"converted the Keras 2.2-style Sequential config of '{name}' "
+            "(a plain list of layers) to the dict form Keras 3 expects"
+        )
+    if not isinstance(config, dict):
+        return
+    layers = config.get("layers") or []
+    first = layers[0] if layers else None
+    if (
+        isinstance(first, dict)
+        and first.get("class_name") != "InputLayer"
+        and isinstance(first.get("config"), dict)
+        and first["config"].get("batch_input_shape") is not None
+    ):
+        # Keras 3 would read batch_input_shape as input_shape, batch
+        # dimension included, giving the model an extra input dimension.
+        # An explicit InputLayer, as tf.keras 2.x writes it, is exact.
+        layer_config = first["config"]
+        shape = layer_config.pop("batch_input_shape")
+        layer_name = layer_config.get("name", first.get("name", "layer"))
+        dtype = layer_config.get("dtype")
+        if not isinstance(dtype, str):
+            dtype = "float32"
+        layers.insert(
+            0,
+            {
+                "class_name": "InputLayer",
+                "config": {
+                    "batch_input_shape": shape,
+                    "dtype": dtype,
+                    "sparse": False,
+                    "name": f"{layer_name}_input",
+                },
+            },
+        )
+        notes.append(
+            f"moved batch_input_shape={_plain(shape)} of "
+            f"{first.get('class_name')} '{layer_name}' into an explicit "
+            "InputLayer"
+        )
+    for layer in layers:
+        _repair_layer(layer, notes)
+
+
+def _repair_layer(layer, notes):
+    if not isinstance(layer, dict):
+        return
+    class_name = layer.get("class_name")
+    config = layer.get("config")
+    if class_name in _MODEL_CLASS_NAMES:
+        _repair_model(layer, notes)
+        return
+    if not isinstance(class_name, str) or not isinstance(config, dict):
+        return
+    cls = _layer_class(class_name)
+    if cls is None:
+        return  # Unknown or custom class: Keras reports it when loading.
+    accepted = _accepted_arguments(cls)
+    if accepted is not None:
+        layer_name = config.get("name", layer.get("name", "?"))
+        for key in list(config):
+            if key in accepted or key in _KEYS_HANDLED_BY_KERAS:
+                continue
+            value = _plain(config[key])
+            if key in _NEUTRAL_VALUES and _same(value, _NEUTRAL_VALUES[key]):
+                del config[key]
+                notes.append(
+                    f"dropped unsupported argument {key}={value!r} from "
+                    f"{class_name} '{layer_name}'"
+                )
+            elif key in _NEUTRAL_VALUES:
+                raise _RepairError(
+                    f"{class_name} '{layer_name}' has {key}={value!r}, which "
+                    f"Keras 3's {class_name} does not support (only "
+                    f"{key}={_NEUTRAL_VALUES[key]!r}, which has no effect, "
+                    "can be dropped)."
+                )
+            else:
+                raise _RepairError(
+                    f"{class_name} '{layer_name}' has argument "
+                    f"{key}={value!r}, which Keras 3's {class_name} does not "
+                    "accept and which cannot be dropped without possibly "
+                    "changing the model."
+                )
+    # Wrapped layers: Bidirectional/TimeDistributed "layer", RNN "cell", ...
+    for value in config.values():
+        for item in value if isinstance(value, list) else [value]:
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("class_name"), str)
+                and isinstance(item.get("config"), (dict, list))
+                and (
+                    item["class_name"] in _MODEL_CLASS_NAMES
+                    or _layer_class(item["class_name"]) is not None
+                )
+            ):
+                _repair_layer(item, notes)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_class(class_name):
+    """The Keras 3 layer class the legacy loader would use, or None."""
+    from keras.src import layers as layers_module
+
+    cls = keras.saving.get_registered_object(class_name)
+    if cls is None:
+        cls = layers_module.__dict__.get(class_name)
+    if inspect.isclass(cls) and issubclass(cls, keras.layers.Layer):
+        return cls
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted_arguments(cls):
+    """Keyword arguments `cls(...)` accepts, or None if it cannot be told.
+
+    Follows `__init__` up the class hierarchy while each one forwards
+    `**kwargs`, collecting named parameters and the names taken out of
+    `**kwargs` by hand (e.g. LeakyReLU's legacy `alpha`). The base `Layer`
+    rejects everything else.
+    """
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return None
+        names.update(
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+        try:
+            source = inspect.getsource(init)
+        except (OSError, TypeError):
+            source = ""
+        for popped, tested in _KWARGS_NAME_RE.findall(source):
+            names.add(popped or tested)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return frozenset(names)
+        if klass is keras.layers.Layer:
+            return frozenset(names)
+    return None
+
+
+def _plain(value):
+    """Undoes tf.keras's JSON encoding of tuples, for messages and checks."""
+    if isinstance(value, dict) and value.get("class_name") == "__tuple__":
+        return tuple(_plain(v) for v in value.get("items", []))
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same(value, neutral):
+    # bool is an int subclass: groups=True must not pass for groups=1.
+    return type(value) is type(neutral) and value == neutral
