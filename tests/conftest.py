@@ -1,0 +1,53 @@
+"""Shared pytest fixtures: the location of the real models and data.
+
+The real models and evaluation data live outside the repository, by default
+in `<repo root>/../shared/data`; set `KPQ_SHARED_DATA` to point elsewhere.
+Tests that need them are skipped, with the reason, when they are absent.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_DEFAULT_SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
+
+RESNET8_FILE = "models/mlperf_tiny_resnet8_cifar10.h5"
+VWW_FILE = "models/mlperf_tiny_vww_mobilenetv1_96.h5"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared data folder (pathlib.Path); skips if it is absent."""
+    folder = pathlib.Path(
+        os.environ.get("KPQ_SHARED_DATA", _DEFAULT_SHARED_DATA)
+    ).resolve()
+    if not folder.is_dir():
+        pytest.skip(
+            f"shared data folder {folder} not found; set KPQ_SHARED_DATA to "
+            "the folder holding models/ and cifar10/"
+        )
+    return folder
+
+
+def _shared_file(shared_data, relative):
+    path = shared_data / relative
+    if not path.is_file():
+        pytest.skip(f"{relative} not found in shared data folder {shared_data}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet8_path(shared_data):
+    """Path of the MLPerf Tiny ResNet-8 CIFAR-10 .h5 (tf.keras 2.4)."""
+    return _shared_file(shared_data, RESNET8_FILE)
+
+
+@pytest.fixture(scope="session")
+def vww_path(shared_data):
+    """Path of the MLPerf Tiny VWW MobileNetV1 .h5 (tf.keras 2.4)."""
+    return _shared_file(shared_data, VWW_FILE)
