@@ -1,0 +1,118 @@
+"""Gaussian activation statistics for data-free range fitting (METHOD section 4).
+
+After BatchNorm folding, the pre-activation of channel `k` of a Conv/Dense +
+BatchNorm is modelled as `Normal(beta_k, gamma_k^2)`. An activation's range
+is fitted on deterministic samples of its output under that model: normal
+quantiles pushed through the activation function. Where no BatchNorm
+precedes a tensor, per-channel means and variances are propagated through
+the layers in between under an independence assumption (sums add means and
+variances; linear layers map them through the kernel), and the output is
+again treated as Gaussian (moment matching).
+"""
+
+import dataclasses
+
+import numpy as np
+from scipy import special
+
+# Enough samples to fit a 8-bit quantizer well, few enough to stay fast.
+DEFAULT_TOTAL_SAMPLES = 1 << 17
+_MIN_SAMPLES_PER_CHANNEL = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGaussians:
+    """Per-channel Gaussian model of a tensor's last axis.
+
+    Attributes:
+        mean: float64 array `(channels,)`.
+        var: float64 array `(channels,)`, >= 0.
+        rule: how the statistics were obtained, for the conversion report
+            (e.g. "batchnorm", "propagated: add").
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    rule: str
+
+    def __post_init__(self):
+        mean = np.asarray(self.mean, dtype=np.float64).ravel()
+        var = np.maximum(np.asarray(self.var, dtype=np.float64).ravel(), 0.0)
+        if mean.shape != var.shape:
+            raise ValueError(f"mean {mean.shape} and var {var.shape} differ in shape.")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "var", var)
+
+    @property
+    def channels(self):
+        return self.mean.size
+
+    def with_rule(self, rule):
+        return dataclasses.replace(self, rule=rule)
+
+    def samples(self, total=DEFAULT_TOTAL_SAMPLES):
+        """Deterministic samples, `(channels, n)`: the normal quantiles of each channel.
+
+        `n = max(64, total // channels)`; quantiles at `(i + 1/2) / n`.
+        """
+        n = max(_MIN_SAMPLES_PER_CHANNEL, total // max(self.channels, 1))
+        z = special.ndtri((np.arange(n) + 0.5) / n)
+        return self.mean[:, None] + np.sqrt(self.var)[:, None] * z[None, :]
+
+    def map(self, fn, rule, total=DEFAULT_TOTAL_SAMPLES):
+        """Pushes the samples through an elementwise `fn`.
+
+        Returns:
+            `(samples, gaussians)`: the mapped samples `(channels, n)` and the
+            moment-matched `ChannelGaussians` of the output.
+        """
+        mapped = fn(self.samples(total))
+        return mapped, ChannelGaussians(mapped.mean(axis=1), mapped.var(axis=1), rule)
+
+
+def batchnorm_gaussians(gamma, beta):
+    """The BatchNorm output model `Normal(beta_k, gamma_k^2)`."""
+    return ChannelGaussians(beta, np.square(gamma), "batchnorm")
+
+
+def add_gaussians(inputs, rule="propagated: add"):
+    """Sum of independent tensors: means and variances add."""
+    return ChannelGaussians(
+        np.sum([g.mean for g in inputs], axis=0), np.sum([g.var for g in inputs], axis=0), rule
+    )
+
+
+def concatenate_gaussians(inputs, rule="propagated: concatenate"):
+    """Channel-wise concatenation."""
+    return ChannelGaussians(
+        np.concatenate([g.mean for g in inputs]), np.concatenate([g.var for g in inputs]), rule
+    )
+
+
+def linear_gaussians(gaussians, kernel, bias, layout):
+    """Propagates through a linear layer, inputs independent, padding ignored.
+
+    Args:
+        gaussians: `ChannelGaussians` of the input channels.
+        kernel: `(in, out)` for "dense", `(..., in, out)` for "conv",
+            `(kh, kw, in, multiplier)` for "depthwise".
+        bias: `(out,)` array or None.
+        layout: "dense", "conv" or "depthwise".
+
+    Returns:
+        `ChannelGaussians` of the output channels:
+        `mean_out = sum W mean_in + b`, `var_out = sum W^2 var_in`.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    spatial = tuple(range(kernel.ndim - 2))
+    summed, squared = kernel.sum(axis=spatial), np.square(kernel).sum(axis=spatial)
+    if layout == "depthwise":
+        mean = (gaussians.mean[:, None] * summed).ravel()
+        var = (gaussians.var[:, None] * squared).ravel()
+    elif layout in ("dense", "conv"):
+        mean, var = gaussians.mean @ summed, gaussians.var @ squared
+    else:
+        raise ValueError(f"Unknown layout {layout!r}.")
+    if bias is not None:
+        mean = mean + np.asarray(bias, dtype=np.float64)
+    return ChannelGaussians(mean, var, f"propagated: {layout}")
