@@ -1,0 +1,7 @@
+"""Keras 3 layers of a converted model."""
+
+from keras_powerquant.layers.activation import PowerQuantActivation
+from keras_powerquant.layers.conv2d import PowerQuantConv2D
+from keras_powerquant.layers.conv2d import PowerQuantDepthwiseConv2D
+from keras_powerquant.layers.dense import PowerQuantDense
+from keras_powerquant.layers.quantized_kernel import QuantizedKernelLayer
