@@ -1,0 +1,170 @@
+"""Builds the converted Keras model from a flat graph and a plan."""
+
+import keras
+
+from keras_powerquant.converter.folding import linear_weights
+from keras_powerquant.converter.graph import functional_of
+from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
+from keras_powerquant.layers import PowerQuantActivation
+from keras_powerquant.layers import PowerQuantConv2D
+from keras_powerquant.layers import PowerQuantDepthwiseConv2D
+
+_CONV_ARGUMENTS = ("kernel_size", "strides", "padding", "data_format", "dilation_rate")
+_ARGUMENTS = {
+    PowerQuantConv2D: ("filters",) + _CONV_ARGUMENTS,
+    PowerQuantDepthwiseConv2D: ("depth_multiplier",) + _CONV_ARGUMENTS,
+}
+
+
+class _Names:
+    """Unique layer names: nested models may reuse their parent's names."""
+
+    def __init__(self):
+        self._used = set()
+
+    def __call__(self, name):
+        unique, n = name, 1
+        while unique in self._used:
+            unique, n = f"{name}_{n}", n + 1
+        self._used.add(unique)
+        return unique
+
+
+def _quantized_layer(plan, name, activation, per_channel):
+    layer = plan.layer
+    cls = QUANTIZED_CLASSES[type(layer)]
+    config = layer.get_config()
+    arguments = {key: config[key] for key in _ARGUMENTS.get(cls, ("units",))}
+    return cls(
+        name=name,
+        weight_bits=plan.weight_bits,
+        weight_exponent=plan.fit.exponent,
+        per_channel=per_channel,
+        activation=activation,
+        use_bias=plan.bias is not None,
+        **arguments,
+    )
+
+
+def _activation_layer(quantizer, name):
+    fit = quantizer.fit
+    return PowerQuantActivation(
+        name=name,
+        bits=quantizer.bits,
+        exponent=fit.exponent,
+        clip=fit.clip,
+        signed=quantizer.signed,
+        **quantizer.spec.layer_arguments(),
+    )
+
+
+def _cloned(layer, name):
+    return layer.__class__.from_config({**layer.get_config(), "name": name})
+
+
+class ModelBuilder:
+    """Rebuilds a model's graph with folded and quantized layers.
+
+    Args:
+        graph: the original model's `FlatGraph`.
+        folds: BatchNorm folds from `plan_folds`.
+        plan: a `ConversionPlan` with fits filled in, or None to build the
+            float model with BatchNorm folded and nothing quantized.
+        per_channel: per-channel weight scales for quantized layers.
+    """
+
+    def __init__(self, graph, folds, plan=None, per_channel=True):
+        self.graph = graph
+        self.folds = folds
+        self.plan = plan
+        self.per_channel = per_channel
+        self.folded_batch_norms = {id(f.batch_norm) for f in folds.values()}
+        self.names = _Names()
+        self.new_layers = {}
+        self.input_quantizers = {}
+        self.reused = []
+
+    def build(self):
+        graph = self.graph
+        inputs = [
+            keras.Input(batch_shape=t.shape, dtype=t.dtype, name=self.names(t.name))
+            for t in graph.input_tensors
+        ]
+        values = dict(zip(graph.input_keys, inputs))
+        for op in graph.ops:
+            outputs = self._call(op, values)
+            for key, value in zip(op.output_keys, keras.tree.flatten(outputs)):
+                values[key] = value
+        functional = functional_of(graph.model)
+        return keras.Model(
+            inputs=keras.tree.pack_sequence_as(functional._inputs_struct, inputs),
+            outputs=keras.tree.pack_sequence_as(
+                functional._outputs_struct, [values[k] for k in graph.output_keys]
+            ),
+            name=graph.model.name,
+        )
+
+    def _quantizer(self, key):
+        quantizer = self.plan.quantizers.get(key) if self.plan is not None else None
+        return quantizer if quantizer is not None and quantizer.quantized else None
+
+    def _call(self, op, values):
+        layer = op.layer
+        if id(layer) in self.folded_batch_norms:
+            return values[op.input_key]
+        layer_plan = self.plan.layers.get(id(layer)) if self.plan is not None else None
+        if layer_plan is not None:
+            return self._call_quantized(layer_plan, values)
+        if self.plan is None and id(layer) in self.folds:
+            return self._call_folded_float(op, values)
+        activation_quantizer = self._quantizer(op.output_key)
+        if activation_quantizer is not None and activation_quantizer.kind == "activation":
+            new = _activation_layer(activation_quantizer, self.names(activation_quantizer.name))
+            return new(values[op.input_key])
+        return self._call_float(op, values)
+
+    def _call_quantized(self, plan, values):
+        op = plan.op
+        inputs = values[op.input_key]
+        input_quantizer = self._quantizer(plan.input_quantizer.key)
+        if input_quantizer is not None and input_quantizer.kind == "input":
+            if input_quantizer.key not in self.input_quantizers:
+                self.input_quantizers[input_quantizer.key] = _activation_layer(
+                    input_quantizer, self.names(input_quantizer.name)
+                )
+            inputs = self.input_quantizers[input_quantizer.key](inputs)
+        output_quantizer = self._quantizer(op.output_key)
+        split = output_quantizer is not None and output_quantizer.kind == "fused"
+        activation = None if split else keras.activations.serialize(op.layer.activation)
+        new = _quantized_layer(plan, self.names(op.layer.name), activation, self.per_channel)
+        outputs = new(inputs)
+        new.set_float_weights(plan.kernel, plan.bias)
+        if split:
+            outputs = _activation_layer(output_quantizer, self.names(output_quantizer.name))(outputs)
+        return outputs
+
+    def _call_folded_float(self, op, values):
+        layer = op.layer
+        config = {**layer.get_config(), "use_bias": True, "name": self.names(layer.name)}
+        new = layer.__class__.from_config(config)
+        args, kwargs = op.call_arguments(values)
+        outputs = new(*args, **kwargs)
+        new.set_weights(list(linear_weights(layer, self.folds[id(layer)])))
+        return outputs
+
+    def _call_float(self, op, values):
+        layer = op.layer
+        args, kwargs = op.call_arguments(values)
+        first_call = id(layer) not in self.new_layers
+        if first_call:
+            try:
+                new = _cloned(layer, self.names(layer.name))
+            except Exception:  # noqa: BLE001 - any layer that cannot round-trip its config
+                new = layer
+                self.reused.append(layer.name)
+            self.new_layers[id(layer)] = new
+        new = self.new_layers[id(layer)]
+        outputs = new(*args, **kwargs)
+        if first_call and new is not layer and layer.weights:
+            new.set_weights(layer.get_weights())
+        return outputs

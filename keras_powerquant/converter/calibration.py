@@ -1,0 +1,201 @@
+"""Calibration data: validation, batching and bounded-memory activation sampling."""
+
+import collections.abc
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_powerquant.errors import CalibrationDataError
+
+DEFAULT_BATCH_SIZE = 32
+# Values kept per recorded tensor: enough to fit an 8-bit quantizer, and
+# memory stays bounded however large the calibration set.
+DEFAULT_SAMPLES_PER_TENSOR = 1 << 17
+
+
+class ReservoirSampler:
+    """A uniform sample, without replacement, of at most `capacity` values of a stream.
+
+    Each value gets a random priority; the `capacity` smallest are kept.
+    Memory is `capacity` plus one chunk. Deterministic for a given seed.
+    """
+
+    def __init__(self, capacity, seed):
+        self.capacity = int(capacity)
+        self._rng = np.random.default_rng(seed)
+        self._values = np.empty(0, dtype=np.float32)
+        self._priorities = np.empty(0, dtype=np.float32)
+        self.seen = 0
+
+    def add(self, chunk):
+        chunk = np.asarray(chunk, dtype=np.float32).ravel()
+        self.seen += chunk.size
+        priorities = self._rng.random(chunk.size, dtype=np.float32)
+        if self._values.size >= self.capacity:
+            # Only values below the current largest kept priority can enter.
+            keep = priorities < self._priorities.max()
+            chunk, priorities = chunk[keep], priorities[keep]
+        values = np.concatenate([self._values, chunk])
+        priorities = np.concatenate([self._priorities, priorities])
+        if values.size > self.capacity:
+            kept = np.argpartition(priorities, self.capacity - 1)[: self.capacity]
+            values, priorities = values[kept], priorities[kept]
+        self._values, self._priorities = values, priorities
+
+    @property
+    def values(self):
+        return self._values
+
+
+def _describe_shape(shape):
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _check_input(array, tensor, index):
+    name = tensor.name
+    expected = _describe_shape(tensor.shape)
+    if not isinstance(array, np.ndarray) or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        got = type(array).__name__ if not isinstance(array, np.ndarray) else f"dtype {array.dtype}"
+        raise CalibrationDataError(
+            f"Calibration input {index} ('{name}'): expected a numeric array of shape "
+            f"{expected}; got {got}."
+        )
+    if array.ndim != len(tensor.shape) or any(
+        d is not None and d != a for d, a in zip(tensor.shape[1:], array.shape[1:])
+    ):
+        raise CalibrationDataError(
+            f"Calibration input {index} ('{name}'): expected shape {expected}; got "
+            f"{_describe_shape(array.shape)}."
+        )
+    if array.shape[0] == 0:
+        raise CalibrationDataError(f"Calibration input {index} ('{name}') holds no samples.")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise CalibrationDataError(f"Calibration input {index} ('{name}') contains NaN or Inf.")
+    return array.astype(tensor.dtype if tensor.dtype else "float32", copy=False)
+
+
+def _as_numpy(value):
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return value.numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(np.isscalar(v) for v in value):
+        return np.asarray(value)
+    return value
+
+
+def _flat_inputs(item, input_tensors):
+    """The model inputs of one batch, as a flat list in model input order."""
+    if isinstance(item, dict):
+        missing = [t.name for t in input_tensors if t.name not in item]
+        if missing:
+            raise CalibrationDataError(
+                f"Calibration batch lacks inputs {missing}; it has {sorted(item)}."
+            )
+        return [_as_numpy(item[t.name]) for t in input_tensors]
+    if len(input_tensors) == 1:
+        return [_as_numpy(item)]
+    if isinstance(item, (list, tuple)) and len(item) == len(input_tensors):
+        return [_as_numpy(v) for v in item]
+    raise CalibrationDataError(
+        f"The model has {len(input_tensors)} inputs "
+        f"({', '.join(t.name for t in input_tensors)}): give each calibration batch as a "
+        "list or a dict of arrays."
+    )
+
+
+def _strip_targets(item, num_inputs):
+    """Drops `(x, y)` / `(x, y, sample_weight)` targets, as `Model.fit` data has."""
+    if isinstance(item, tuple) and len(item) in (2, 3) and num_inputs == 1:
+        return item[0]
+    if isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], (list, tuple, dict)):
+        return item[0]
+    return item
+
+
+def calibration_batches(data, input_tensors, batch_size=DEFAULT_BATCH_SIZE, max_batches=None):
+    """Yields validated batches, each a flat list of arrays in model input order.
+
+    Args:
+        data: a numpy array (single-input model), a list/tuple or dict of
+            arrays (one per input, same length), a `tf.data.Dataset`, or an
+            iterable/generator of batches (each an array, list or dict, or a
+            `(x, y)` tuple whose `x` is used).
+        input_tensors: the model's input KerasTensors.
+        batch_size: batch size used to split in-memory arrays.
+        max_batches: stop after this many batches.
+
+    Raises:
+        CalibrationDataError: on shapes, dtypes or structures that do not
+            match the model inputs, non-finite values, or no data.
+    """
+    count = 0
+    for arrays in _flat_batches(data, input_tensors, batch_size):
+        if max_batches is not None and count >= max_batches:
+            return
+        yield [_check_input(a, t, i) for i, (a, t) in enumerate(zip(arrays, input_tensors))]
+        count += 1
+    if count == 0:
+        raise CalibrationDataError("The calibration data is empty.")
+
+
+def _flat_batches(data, input_tensors, batch_size):
+    """Batches of `data` as flat lists of arrays in model input order."""
+    if isinstance(data, np.ndarray) or (
+        isinstance(data, (list, tuple, dict))
+        and all(isinstance(v, np.ndarray) for v in (data.values() if isinstance(data, dict) else data))
+        and len(data) > 0
+    ):
+        arrays = _flat_inputs(data, input_tensors)
+        lengths = {a.shape[0] if isinstance(a, np.ndarray) and a.ndim else None for a in arrays}
+        if len(lengths) != 1 or None in lengths:
+            raise CalibrationDataError(
+                "Calibration arrays must all hold the same number of samples; got "
+                f"{[getattr(a, 'shape', None) for a in arrays]}."
+            )
+        total = lengths.pop()
+        for start in range(0, total, batch_size):
+            yield [a[start : start + batch_size] for a in arrays]
+        return
+    if isinstance(data, tf.data.Dataset):
+        items = data.as_numpy_iterator()
+    elif isinstance(data, (str, bytes)) or not isinstance(data, collections.abc.Iterable):
+        raise CalibrationDataError(
+            "Calibration data must be a numpy array, a tf.data.Dataset or an iterable of "
+            f"batches; got {type(data).__name__}."
+        )
+    else:
+        items = data
+    for item in items:
+        yield _flat_inputs(_strip_targets(item, len(input_tensors)), input_tensors)
+
+
+def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None):
+    """Runs the float model on calibration batches and samples the given tensors.
+
+    Args:
+        graph: the model's `FlatGraph`.
+        batches: iterable of flat input lists (from `calibration_batches`).
+        keys: tensor keys to sample.
+        capacity: values kept per tensor.
+        progress: optional `progress(done_batches)` callback.
+
+    Returns:
+        A dict from key to a 1-D float32 array of sampled values.
+    """
+    keys = list(dict.fromkeys(keys))
+    samplers = {key: ReservoirSampler(capacity, seed=i) for i, key in enumerate(keys)}
+    wanted = set(keys)
+    for done, batch in enumerate(batches, start=1):
+        inputs = [keras.ops.convert_to_tensor(a) for a in batch]
+        _, kept = graph.evaluate(
+            inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=wanted
+        )
+        for key in keys:
+            samplers[key].add(keras.ops.convert_to_numpy(kept[key]))
+        if progress is not None:
+            progress(done)
+    return {key: sampler.values for key, sampler in samplers.items()}

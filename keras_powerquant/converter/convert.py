@@ -1,0 +1,317 @@
+"""`convert`: a trained Keras model in, a PowerQuant Keras model and a report out."""
+
+import os
+import time
+
+import keras
+import numpy as np
+
+from keras_powerquant.converter.builder import ModelBuilder
+from keras_powerquant.converter.calibration import calibration_batches
+from keras_powerquant.converter.calibration import DEFAULT_BATCH_SIZE
+from keras_powerquant.converter.calibration import record_samples
+from keras_powerquant.converter.folding import plan_folds
+from keras_powerquant.converter.graph import FlatGraph
+from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
+from keras_powerquant.converter.plan import plan_conversion
+from keras_powerquant.converter.statistics import propagate_statistics
+from keras_powerquant.errors import InvalidModelError
+from keras_powerquant.loading import check_convertible
+from keras_powerquant.loading import load_model_with_notes
+from keras_powerquant.quantization.search import ActivationErrorModel
+from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
+from keras_powerquant.quantization.search import fit_activation_models
+from keras_powerquant.quantization.search import fit_shared_weight_exponent
+from keras_powerquant.quantization.search import minimize_exponent
+from keras_powerquant.quantization.search import ExponentFit
+from keras_powerquant.quantization.search import WeightErrorModel
+from keras_powerquant.quantization.validation import check_bits
+from keras_powerquant.report import ActivationReport
+from keras_powerquant.report import ConversionReport
+from keras_powerquant.report import LayerReport
+
+METHODS = ("powerquant", "uniform")
+SCOPES = ("layer", "network")
+
+
+def _resolve_model(model):
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_with_notes(model)
+    check_convertible(model)
+    return model, []
+
+
+def _check_finite(model):
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for weight in layer.weights:
+            if not np.all(np.isfinite(keras.ops.convert_to_numpy(weight))):
+                raise InvalidModelError(
+                    f"Layer '{layer.name}' has NaN or Inf values in weight '{weight.name}': "
+                    "the model cannot be quantized. Check the training run that produced it."
+                )
+
+
+def _check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits):
+    check_bits(wbits, "wbits")
+    check_bits(abits, "abits")
+    check_bits(first_last_bits, "first_last_bits")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+    if scope not in SCOPES:
+        raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
+    if not float(p) > 0:
+        raise ValueError(f"`p` must be > 0; got {p}.")
+    low, high = exponent_bounds
+    if not 0 < low < high:
+        raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high; got {exponent_bounds}.")
+
+
+def _fit_weights(plan, method, scope, per_channel, p, bounds, step):
+    layer_plans = list(plan.layers.values())
+    models = []
+    for i, layer_plan in enumerate(layer_plans):
+        channel_ndim = QUANTIZED_CLASSES[type(layer_plan.layer)].channel_ndim if per_channel else 0
+        models.append(WeightErrorModel(layer_plan.kernel, layer_plan.weight_bits, channel_ndim, p))
+        step(i + 1, len(layer_plans))
+    if method == "uniform":
+        fits = [ExponentFit(1.0, m.error(1.0), m.error(1.0)) for m in models]
+    elif scope == "network":
+        fits = fit_shared_weight_exponent(models, bounds)
+    else:
+        fits = []
+        for m in models:
+            exponent, error = minimize_exponent(m.error, bounds)
+            fits.append(ExponentFit(exponent, error, m.error(1.0)))
+    for layer_plan, fit in zip(layer_plans, fits):
+        layer_plan.fit = fit
+
+
+def _fit_activations(plan, samples, rules, method, scope, p, bounds, step):
+    fittable = []
+    for quantizer in plan.quantizers.values():
+        values = samples.get(quantizer.key)
+        quantizer.rule = rules[quantizer.key]
+        if values is None:
+            quantizer.reason = f"no statistics ({quantizer.rule}); pass calibration data"
+            continue
+        if quantizer.nonnegative or (quantizer.kind != "input" and quantizer.spec.nonnegative):
+            quantizer.signed = False
+        else:
+            quantizer.signed = bool(np.min(values) < 0) if quantizer.kind == "input" else True
+        fittable.append((quantizer, ActivationErrorModel(values, quantizer.bits, quantizer.signed, p)))
+    exponent = 1.0 if method == "uniform" else None
+    fits = fit_activation_models(
+        [model for _, model in fittable], bounds, exponent=exponent, shared=scope == "network"
+    )
+    for i, ((quantizer, _), fit) in enumerate(zip(fittable, fits)):
+        quantizer.fit = fit
+        step(i + 1, len(fittable))
+
+
+def _data_free_samples(plan, stats):
+    samples, rules = {}, {}
+    for key in plan.quantizers:
+        tensor_stats = stats[key]
+        rules[key] = tensor_stats.rule
+        if tensor_stats.sampler is not None:
+            samples[key] = tensor_stats.sampler()
+    return samples, rules
+
+
+def convert(
+    model,
+    wbits=4,
+    abits=4,
+    method="powerquant",
+    *,
+    calibration_data=None,
+    scope="layer",
+    per_channel=True,
+    p=2.0,
+    exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
+    quantize_first_last=False,
+    first_last_bits=8,
+    calibration_batch_size=DEFAULT_BATCH_SIZE,
+    calibration_steps=None,
+    progress=None,
+):
+    """Converts a trained Keras model to PowerQuant.
+
+    Folds BatchNorm into the preceding layers, fits each layer's weight
+    exponent by minimising its reconstruction error, fits each activation
+    quantizer's clip and exponent (data-free from BatchNorm statistics, or
+    on calibration data), and rebuilds the model with `PowerQuantConv2D`,
+    `PowerQuantDepthwiseConv2D`, `PowerQuantDense` and
+    `PowerQuantActivation` layers. Layers it does not quantize stay float and
+    are reported. The input model is not modified.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`, or the path of a
+            `.keras` or `.h5` file.
+        wbits: weight bit width, 2 to 8.
+        abits: activation bit width, 2 to 8.
+        method: "powerquant" (fitted exponents) or "uniform" (`a = 1`
+            everywhere: the baseline).
+        calibration_data: optional model inputs (numpy array, list/dict of
+            arrays, `tf.data.Dataset`, or iterable of batches) to fit
+            activation quantizers on instead of BatchNorm statistics.
+        scope: "layer" (one exponent per layer) or "network" (one weight
+            exponent and one activation exponent shared by all layers).
+        per_channel: one weight scale per output channel, or per tensor.
+        p: the norm of the reconstruction error, `sum |x - x_hat|^p`.
+        exponent_bounds: the exponent search interval.
+        quantize_first_last: quantize the first and last quantized layers
+            at `wbits`/`abits` rather than `first_last_bits`.
+        first_last_bits: bit width of the first and last layers otherwise.
+        calibration_batch_size: batch size for in-memory calibration arrays.
+        calibration_steps: use at most this many calibration batches.
+        progress: optional callback `progress(stage, done, total)`.
+
+    Returns:
+        `(quantized_model, report)`: the converted `keras.Model` and a
+        `ConversionReport`.
+
+    Raises:
+        ModelLoadError: `model` is a path that cannot be loaded.
+        UnsupportedModelError: a subclassed or unbuilt model.
+        InvalidModelError: weights with NaN or Inf.
+        CalibrationDataError: calibration data that does not fit the model.
+        ValueError: invalid options.
+    """
+    _check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits)
+    seconds = {}
+    started = time.perf_counter()
+
+    def report_progress(stage):
+        return lambda done, total: progress(stage, done, total) if progress else None
+
+    model, notes = _resolve_model(model)
+    _check_finite(model)
+    graph = FlatGraph(model)
+    folds, unfolded = plan_folds(graph)
+    plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
+    seconds["analysis"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    if calibration_data is None:
+        samples, rules = _data_free_samples(plan, propagate_statistics(graph, folds))
+    else:
+        batches = calibration_batches(
+            calibration_data, graph.input_tensors, calibration_batch_size, calibration_steps
+        )
+        calibrate = report_progress("calibration")
+        samples = record_samples(
+            graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, calibration_steps)
+        )
+        rules = {key: "calibration" for key in plan.quantizers}
+    seconds["statistics"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    _fit_weights(plan, method, scope, per_channel, p, exponent_bounds, report_progress("weights"))
+    seconds["weights"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    _fit_activations(plan, samples, rules, method, scope, p, exponent_bounds, report_progress("activations"))
+    seconds["activations"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    builder = ModelBuilder(graph, folds, plan, per_channel)
+    quantized_model = builder.build()
+    seconds["build"] = time.perf_counter() - mark
+    seconds["total"] = time.perf_counter() - started
+
+    options = {
+        "method": method,
+        "wbits": wbits,
+        "abits": abits,
+        "scope": scope,
+        "per_channel": per_channel,
+        "p": p,
+        "exponent_bounds": list(exponent_bounds),
+        "quantize_first_last": quantize_first_last,
+        "first_last_bits": first_last_bits,
+        "calibrated": calibration_data is not None,
+    }
+    notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
+    report = _report(graph, plan, folds, unfolded, options, notes, seconds)
+    return quantized_model, report
+
+
+def fold_batch_norms(model):
+    """The float model with every foldable BatchNorm folded into its linear layer.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`, or a model file path.
+
+    Returns:
+        `(folded_model, report)`: the folded `keras.Model` and a
+        `ConversionReport` listing folded and kept BatchNorms.
+    """
+    model, notes = _resolve_model(model)
+    graph = FlatGraph(model)
+    folds, unfolded = plan_folds(graph)
+    folded = ModelBuilder(graph, folds).build()
+    report = ConversionReport(model.name, {"method": "fold"}, notes=notes)
+    report.folded_batch_norms = [{"batch_norm": f.batch_norm.name, "into": f.linear.name} for f in folds.values()]
+    report.unfolded_batch_norms = [{"batch_norm": bn.name, "reason": why} for bn, why in unfolded]
+    return folded, report
+
+
+def _report(graph, plan, folds, unfolded, options, notes, seconds):
+    report = ConversionReport(graph.model.name, options, notes=notes, seconds=seconds)
+    report.folded_batch_norms = [
+        {"batch_norm": f.batch_norm.name, "into": f.linear.name} for f in folds.values()
+    ]
+    report.unfolded_batch_norms = [{"batch_norm": bn.name, "reason": why} for bn, why in unfolded]
+    float_reasons = {id(layer): reason for layer, reason in plan.float_layers}
+    for layer in graph.layers():
+        layer_plan = plan.layers.get(id(layer))
+        if layer_plan is not None:
+            quantizer = layer_plan.input_quantizer
+            report.layers.append(
+                LayerReport(
+                    name=layer.name,
+                    class_name=type(layer).__name__,
+                    status="quantized",
+                    params=int(layer_plan.kernel.size),
+                    weight_bits=layer_plan.weight_bits,
+                    position=layer_plan.position,
+                    exponent=layer_plan.fit.exponent,
+                    error=layer_plan.fit.error,
+                    uniform_error=layer_plan.fit.uniform_error,
+                    input_quantizer=quantizer.name if quantizer.quantized else None,
+                    input_bits=quantizer.bits if quantizer.quantized else None,
+                    folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
+                )
+            )
+        elif id(layer) in float_reasons:
+            report.layers.append(
+                LayerReport(
+                    name=layer.name,
+                    class_name=type(layer).__name__,
+                    status="float",
+                    reason=float_reasons[id(layer)],
+                    params=int(sum(np.prod(w.shape) for w in layer.weights)),
+                )
+            )
+    for quantizer in plan.quantizers.values():
+        fit = quantizer.fit
+        report.activations.append(
+            ActivationReport(
+                name=quantizer.name,
+                kind=quantizer.kind,
+                status="quantized" if fit else "float",
+                reason=quantizer.reason,
+                activation=quantizer.spec.name,
+                source=quantizer.source,
+                consumers=list(quantizer.consumers),
+                bits=quantizer.bits,
+                signed=quantizer.signed,
+                clip=fit.clip if fit else None,
+                exponent=fit.exponent if fit else None,
+                error=fit.error if fit else None,
+                uniform_clip=fit.uniform_clip if fit else None,
+                uniform_error=fit.uniform_error if fit else None,
+                rule=quantizer.rule,
+            )
+        )
+    return report

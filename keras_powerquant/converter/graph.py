@@ -1,0 +1,179 @@
+"""A flat view of a Functional or Sequential model's layer graph.
+
+Nested Functional and Sequential models are expanded inline, so the
+analyses (which BatchNorm folds where, which tensors feed quantized layers,
+data-free statistics) see one DAG of leaf layers. Tensors are identified by
+keys `(scope, id(keras_tensor))`, where the scope names the chain of
+nested-model calls, so a nested model called twice gives two sets of keys.
+
+This relies on the graph structure Keras 3 itself uses in
+`keras.models.clone_model`: `Functional._nodes_by_depth`, `Node.arguments`
+and `Node.outputs`.
+"""
+
+import dataclasses
+
+import keras
+
+from keras_powerquant.errors import UnsupportedModelError
+
+
+def functional_of(model):
+    """The Functional graph behind a Functional or (built) Sequential model."""
+    if isinstance(model, keras.Sequential):
+        graph = getattr(model, "_functional", None)
+        if graph is None:
+            raise UnsupportedModelError(
+                f"Sequential model '{model.name}' has no defined input shape: start it "
+                "with keras.Input(shape=...) or call it on data before converting."
+            )
+        return graph
+    if _is_functional(model):
+        return model
+    raise UnsupportedModelError(
+        f"'{getattr(model, 'name', model)}' ({type(model).__name__}) is a subclassed model: "
+        "its layer graph cannot be inspected. Rebuild it as a Functional or Sequential "
+        "model (same layers, same weights) and convert that."
+    )
+
+
+def _is_functional(model):
+    return isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth")
+
+
+def is_graph_model(layer):
+    """Whether a layer is a nested model that gets expanded inline."""
+    return isinstance(layer, keras.Sequential) or _is_functional(layer)
+
+
+@dataclasses.dataclass(eq=False)
+class Op:
+    """One call of a leaf layer.
+
+    Attributes:
+        layer: the Keras layer.
+        node: the Keras `Node` of this call.
+        input_keys: keys of the flattened input tensors.
+        output_keys: keys of the flattened output tensors.
+        index: position in topological order.
+    """
+
+    layer: keras.layers.Layer
+    node: object
+    input_keys: list
+    output_keys: list
+    index: int
+
+    def call_arguments(self, values):
+        """`(args, kwargs)` of this call with input tensors taken from `values[key]`."""
+        by_id = {id(t): values[k] for t, k in zip(self.node.input_tensors, self.input_keys)}
+        return self.node.arguments.fill_in(by_id)
+
+    @property
+    def input_key(self):
+        """The single input key of a one-input layer."""
+        return self.input_keys[0]
+
+    @property
+    def output_key(self):
+        return self.output_keys[0]
+
+
+class FlatGraph:
+    """The leaf-layer DAG of a model, nested models expanded.
+
+    Attributes:
+        model: the original model.
+        input_tensors: the model's input KerasTensors (flattened).
+        input_keys: their keys.
+        output_keys: keys of the model's outputs (flattened).
+        ops: `Op`s in topological order.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        graph = functional_of(model)
+        self.input_tensors = list(graph.inputs)
+        self.input_keys = [((), id(t)) for t in self.input_tensors]
+        self.ops = []
+        self.output_keys = self._expand(graph, (), self.input_keys)
+        self.producer = {}
+        self.consumers = {key: [] for key in self.input_keys}
+        for op in self.ops:
+            for key in op.output_keys:
+                self.producer[key] = op
+                self.consumers.setdefault(key, [])
+            for key in op.input_keys:
+                self.consumers.setdefault(key, []).append(op)
+        self._calls = {}
+        for op in self.ops:
+            self._calls.setdefault(id(op.layer), []).append(op)
+
+    def _expand(self, graph, scope, input_keys):
+        keys = {id(t): k for t, k in zip(graph.inputs, input_keys)}
+        for depth in sorted(graph._nodes_by_depth, reverse=True):
+            for node in graph._nodes_by_depth[depth]:
+                if node.operation is None or node.is_input:
+                    continue
+                node_inputs = [keys[id(t)] for t in node.input_tensors]
+                layer = node.operation
+                if is_graph_model(layer):
+                    inner_scope = scope + ((layer.name, id(node)),)
+                    outputs = self._expand(functional_of(layer), inner_scope, node_inputs)
+                else:
+                    outputs = [(scope, id(t)) for t in node.outputs]
+                    self.ops.append(Op(layer, node, node_inputs, outputs, len(self.ops)))
+                for tensor, key in zip(node.outputs, outputs):
+                    keys[id(tensor)] = key
+        return [keys[id(t)] for t in graph.outputs]
+
+    def calls(self, layer):
+        """The `Op`s that call `layer` (more than one for a shared layer)."""
+        return self._calls.get(id(layer), [])
+
+    def only_consumer(self, key):
+        """The single op consuming `key`, or None (several, none, or a model output)."""
+        consumers = self.consumers.get(key, [])
+        if len(consumers) == 1 and key not in self.output_keys:
+            return consumers[0]
+        return None
+
+    def layers(self):
+        """Distinct leaf layers, in order of first call."""
+        seen, layers = set(), []
+        for op in self.ops:
+            if id(op.layer) not in seen:
+                seen.add(id(op.layer))
+                layers.append(op.layer)
+        return layers
+
+    def evaluate(self, inputs, call_op, keep=None):
+        """Runs the graph: `call_op(op, args, kwargs)` computes each op's outputs.
+
+        Args:
+            inputs: flat list of values for `input_keys`.
+            call_op: function of `(op, args, kwargs)` returning the outputs.
+            keep: optional set of keys whose values to keep; others are
+                dropped after their last use, bounding memory.
+
+        Returns:
+            `(outputs, kept)`: flat model outputs and a dict of kept values.
+        """
+        values = dict(zip(self.input_keys, inputs))
+        last_use = {}
+        for op in self.ops:
+            for key in op.input_keys:
+                last_use[key] = op.index
+        kept = {k: v for k, v in values.items() if keep is not None and k in keep}
+        for op in self.ops:
+            args, kwargs = op.call_arguments(values)
+            outputs = keras.tree.flatten(call_op(op, args, kwargs))
+            for key, value in zip(op.output_keys, outputs):
+                values[key] = value
+                if keep is not None and key in keep:
+                    kept[key] = value
+            if keep is not None:
+                for key in op.input_keys:
+                    if last_use.get(key) == op.index and key not in self.output_keys:
+                        values.pop(key, None)
+        return [values[k] for k in self.output_keys], kept

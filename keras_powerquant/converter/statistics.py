@@ -1,0 +1,185 @@
+"""Data-free statistics of every tensor of a model (METHOD section 4).
+
+Each tensor gets a `TensorStats`: per-channel Gaussian moments (for
+propagation into the next layer) and a sampler of its value distribution
+(for fitting a quantizer). BatchNorm outputs are `Normal(beta, gamma^2)`;
+other tensors are propagated from those, or are unknown.
+"""
+
+import dataclasses
+import math
+from typing import Callable
+from typing import Optional
+
+import keras
+import numpy as np
+
+from keras_powerquant.converter.folding import batch_norm_parameters
+from keras_powerquant.converter.folding import linear_weights
+from keras_powerquant.converter.layer_types import activation_layer_spec
+from keras_powerquant.converter.layer_types import FOLDABLE_LAYOUTS
+from keras_powerquant.converter.layer_types import fused_activation_spec
+from keras_powerquant.converter.layer_types import is_sign_preserving
+from keras_powerquant.converter.layer_types import LINEAR
+from keras_powerquant.quantization.statistics import add_gaussians
+from keras_powerquant.quantization.statistics import batchnorm_gaussians
+from keras_powerquant.quantization.statistics import ChannelGaussians
+from keras_powerquant.quantization.statistics import concatenate_gaussians
+from keras_powerquant.quantization.statistics import linear_gaussians
+
+L = keras.layers
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorStats:
+    """What is known of a tensor without data.
+
+    Attributes:
+        gaussians: per-channel moments along the last axis, or None when the
+            channel layout is unknown.
+        sampler: returns a 1-D sample of the tensor's values, or None when
+            they cannot be modelled.
+        rule: how the statistics were obtained, for the report.
+    """
+
+    gaussians: Optional[ChannelGaussians]
+    sampler: Optional[Callable[[], np.ndarray]]
+    rule: str
+
+    @classmethod
+    def of_gaussians(cls, gaussians):
+        return cls(gaussians, lambda: gaussians.samples().ravel(), gaussians.rule)
+
+    @classmethod
+    def unknown(cls, rule):
+        return cls(None, None, rule)
+
+    def with_gaussians(self, gaussians):
+        return dataclasses.replace(self, gaussians=gaussians)
+
+
+def _activated(stats, spec):
+    """Pushes stats through an elementwise activation."""
+    if spec is None:
+        return TensorStats.unknown("unknown: activation without a numpy model")
+    if spec == LINEAR:
+        return stats
+    if stats.gaussians is None:
+        return TensorStats.unknown(stats.rule)
+    rule = f"{stats.rule} -> {spec.name}"
+    fn = spec.numpy_function()
+    _, gaussians = stats.gaussians.map(fn, rule)
+    pre = stats.gaussians
+    return TensorStats(gaussians, lambda: fn(pre.samples()).ravel(), rule)
+
+
+def _is_channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def _linear_stats(op, stats_in, fold):
+    layer = op.layer
+    if fold is not None:
+        gamma, beta, _, _ = batch_norm_parameters(fold.batch_norm)
+        return TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
+    gaussians = stats_in.gaussians
+    channels_in = op.node.input_tensors[0].shape[-1]
+    groups = getattr(layer, "groups", 1)
+    if gaussians is None or not _is_channels_last(layer) or groups != 1:
+        return TensorStats.unknown(stats_in.rule)
+    if gaussians.channels != channels_in:
+        return TensorStats.unknown(stats_in.rule)
+    kernel, bias = linear_weights(layer)
+    pre = linear_gaussians(gaussians, kernel, bias, FOLDABLE_LAYOUTS[type(layer)])
+    return _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
+
+
+def _flattened(stats, input_shape, output_shape):
+    """Channel moments after Flatten/Reshape, when the layout allows it."""
+    gaussians = stats.gaussians
+    if gaussians is None or None in input_shape[1:] or None in output_shape[1:]:
+        return stats.with_gaussians(None)
+    if output_shape[-1] == input_shape[-1]:
+        return stats
+    if len(output_shape) == 2 and output_shape[-1] == math.prod(input_shape[1:]):
+        repeats = math.prod(input_shape[1:-1])
+        tiled = ChannelGaussians(
+            np.tile(gaussians.mean, repeats), np.tile(gaussians.var, repeats), gaussians.rule
+        )
+        return stats.with_gaussians(tiled)
+    return stats.with_gaussians(None)
+
+
+def _merged(op, inputs):
+    layer = op.layer
+    if any(s.gaussians is None for s in inputs):
+        return TensorStats.unknown(f"unknown: input of {type(layer).__name__} '{layer.name}' unknown")
+    if type(layer) is L.Add:
+        return TensorStats.of_gaussians(add_gaussians([s.gaussians for s in inputs]))
+    if type(layer) is L.Average:
+        n = len(inputs)
+        summed = add_gaussians([s.gaussians for s in inputs], "propagated: average")
+        return TensorStats.of_gaussians(ChannelGaussians(summed.mean / n, summed.var / n**2, summed.rule))
+    rank = len(op.node.outputs[0].shape)
+    if type(layer) is L.Concatenate and layer.axis % rank == rank - 1:
+        return TensorStats.of_gaussians(concatenate_gaussians([s.gaussians for s in inputs]))
+    return TensorStats.unknown(f"unknown: no statistics rule for {type(layer).__name__}")
+
+
+def _rescaled(layer, stats):
+    if stats.gaussians is None:
+        return TensorStats.unknown(stats.rule)
+    scale = np.asarray(layer.scale, dtype=np.float64)
+    offset = np.asarray(layer.offset, dtype=np.float64)
+    gaussians = ChannelGaussians(
+        stats.gaussians.mean * scale + offset,
+        stats.gaussians.var * np.square(scale),
+        f"{stats.rule} -> rescaling",
+    )
+    return TensorStats.of_gaussians(gaussians)
+
+
+def propagate_statistics(graph, folds):
+    """Data-free `TensorStats` of every tensor key of the graph.
+
+    Args:
+        graph: the model's `FlatGraph`.
+        folds: BatchNorm folds from `plan_folds`.
+
+    Returns:
+        A dict from tensor key to `TensorStats`.
+    """
+    stats = {key: TensorStats.unknown("unknown: model input") for key in graph.input_keys}
+    for op in graph.ops:
+        layer = op.layer
+        inputs = [stats[k] for k in op.input_keys]
+        kind = type(layer)
+        if kind is L.BatchNormalization:
+            rank = len(op.node.outputs[0].shape)
+            axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+            if axis % rank == rank - 1:
+                gamma, beta, _, _ = batch_norm_parameters(layer)
+                out = TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
+            else:
+                out = TensorStats.unknown("unknown: BatchNormalization not on the last axis")
+        elif kind in FOLDABLE_LAYOUTS:
+            out = _linear_stats(op, inputs[0], folds.get(id(layer)))
+        elif activation_layer_spec(layer) is not None:
+            out = _activated(inputs[0], activation_layer_spec(layer))
+        elif kind in (L.Add, L.Average, L.Concatenate):
+            out = _merged(op, inputs)
+        elif kind is L.Rescaling:
+            out = _rescaled(layer, inputs[0])
+        elif kind in (L.Flatten, L.Reshape):
+            out = _flattened(inputs[0], op.node.input_tensors[0].shape, op.node.outputs[0].shape)
+        elif len(inputs) == 1 and is_sign_preserving(layer):
+            # Pooling, padding, dropout...: the value distribution is kept
+            # (averaging only narrows it, so this errs on the wide side).
+            out = inputs[0]
+            if op.node.outputs[0].shape[-1] != op.node.input_tensors[0].shape[-1]:
+                out = out.with_gaussians(None)
+        else:
+            out = TensorStats.unknown(f"unknown: no statistics rule for {kind.__name__} '{layer.name}'")
+        for key in op.output_keys:
+            stats[key] = out
+    return stats

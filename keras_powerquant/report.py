@@ -1,0 +1,195 @@
+"""The conversion report: what was folded, quantized and kept float, and why."""
+
+import dataclasses
+import json
+from typing import Optional
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """One layer with weights.
+
+    Attributes:
+        name: layer name (same in the original and converted model).
+        class_name: the original Keras class.
+        status: "quantized" or "float".
+        reason: why it stayed float.
+        params: number of kernel values.
+        weight_bits: kernel bit width.
+        position: "first", "last", "first+last" or None.
+        exponent: fitted kernel exponent `a*`.
+        error: kernel reconstruction error `sum |W - W_hat|^p` at `a*`.
+        uniform_error: the same at `a = 1`.
+        input_quantizer: name of the quantizer of its input, if any.
+        input_bits: bit width of its input, None if the input stays float.
+        folded_batch_norm: name of the BatchNorm folded into it.
+    """
+
+    name: str
+    class_name: str
+    status: str
+    reason: Optional[str] = None
+    params: int = 0
+    weight_bits: Optional[int] = None
+    position: Optional[str] = None
+    exponent: Optional[float] = None
+    error: Optional[float] = None
+    uniform_error: Optional[float] = None
+    input_quantizer: Optional[str] = None
+    input_bits: Optional[int] = None
+    folded_batch_norm: Optional[str] = None
+
+    @property
+    def error_ratio(self):
+        """`error / uniform_error`: below 1 where PowerQuant beats uniform."""
+        if self.error is None or not self.uniform_error:
+            return None
+        return self.error / self.uniform_error
+
+
+@dataclasses.dataclass
+class ActivationReport:
+    """One activation quantizer (or an activation that could not be quantized).
+
+    Attributes:
+        name: name of the `PowerQuantActivation` layer.
+        kind: "activation", "fused" or "input" (see `QuantizerPlan`).
+        status: "quantized" or "float".
+        reason: why it stayed float.
+        activation: the activation function applied before quantizing.
+        source: the original layer it replaces or splits, if any.
+        consumers: quantized layers it feeds.
+        bits, signed, clip, exponent: the fitted quantizer.
+        error, uniform_clip, uniform_error: fit error, and the best clip and
+            error at `a = 1`, on the samples it was fitted on.
+        rule: where its statistics came from ("batchnorm", "propagated:
+            add -> relu", "calibration", ...).
+    """
+
+    name: str
+    kind: str
+    status: str
+    reason: Optional[str] = None
+    activation: str = "linear"
+    source: Optional[str] = None
+    consumers: list = dataclasses.field(default_factory=list)
+    bits: Optional[int] = None
+    signed: Optional[bool] = None
+    clip: Optional[float] = None
+    exponent: Optional[float] = None
+    error: Optional[float] = None
+    uniform_clip: Optional[float] = None
+    uniform_error: Optional[float] = None
+    rule: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """Everything `convert` decided, as data.
+
+    Attributes:
+        model_name: the original model's name.
+        options: the conversion options.
+        layers: `LayerReport`s in graph order.
+        activations: `ActivationReport`s in graph order.
+        folded_batch_norms: `{"batch_norm": name, "into": layer}` entries.
+        unfolded_batch_norms: `{"batch_norm": name, "reason": why}` entries.
+        notes: other remarks (legacy-file repairs, reused layers...).
+        seconds: wall time per stage.
+    """
+
+    model_name: str
+    options: dict
+    layers: list = dataclasses.field(default_factory=list)
+    activations: list = dataclasses.field(default_factory=list)
+    folded_batch_norms: list = dataclasses.field(default_factory=list)
+    unfolded_batch_norms: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+    def layer(self, name):
+        """The `LayerReport` of layer `name`."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def quantized_layers(self):
+        return [layer for layer in self.layers if layer.status == "quantized"]
+
+    @property
+    def float_layers(self):
+        return [layer for layer in self.layers if layer.status == "float"]
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs):
+        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        data["layers"] = [LayerReport(**layer) for layer in data.get("layers", [])]
+        data["activations"] = [ActivationReport(**a) for a in data.get("activations", [])]
+        return cls(**data)
+
+    def summary(self):
+        """A readable multi-line table of the conversion."""
+        lines = [f"Model '{self.model_name}': {_options_line(self.options)}", ""]
+        header = f"{'layer':<28} {'kind':<22} {'bits':>4} {'exponent':>8} {'err/uniform':>11}  input"
+        lines += [header, "-" * len(header)]
+        for layer in self.layers:
+            if layer.status == "quantized":
+                ratio = layer.error_ratio
+                input_desc = f"{layer.input_bits}-bit" if layer.input_bits else "float"
+                lines.append(
+                    f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {layer.weight_bits:>4} "
+                    f"{layer.exponent:>8.3f} {_fmt_ratio(ratio):>11}  {input_desc}"
+                    + (f" ({layer.position})" if layer.position else "")
+                )
+            else:
+                lines.append(
+                    f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {'-':>4} {'-':>8} "
+                    f"{'-':>11}  float: {layer.reason}"
+                )
+        if self.activations:
+            lines += ["", f"{'activation quantizer':<34} {'bits':>4} {'sign':>4} {'clip':>9} "
+                      f"{'exponent':>8}  statistics"]
+            for act in self.activations:
+                if act.status == "quantized":
+                    lines.append(
+                        f"{_clip(act.name, 34)} {act.bits:>4} {'±' if act.signed else '+':>4} "
+                        f"{act.clip:>9.4g} {act.exponent:>8.3f}  {act.rule}"
+                    )
+                else:
+                    lines.append(f"{_clip(act.name, 34)} {'-':>4} {'':>4} {'':>9} {'':>8}  float: {act.reason}")
+        lines.append("")
+        lines.append(
+            f"{len(self.quantized_layers)} layers quantized, {len(self.float_layers)} kept float; "
+            f"{len(self.folded_batch_norms)} BatchNorm folded, {len(self.unfolded_batch_norms)} kept"
+        )
+        for entry in self.unfolded_batch_norms:
+            lines.append(f"  BatchNorm '{entry['batch_norm']}' kept: {entry['reason']}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+def _clip(text, width):
+    """`text` cut or padded to exactly `width` characters."""
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return f"{text:<{width}}"
+
+
+def _fmt_ratio(ratio):
+    return "-" if ratio is None else f"{ratio:.3f}"
+
+
+def _options_line(options):
+    keys = ("method", "wbits", "abits", "scope", "calibrated")
+    return ", ".join(f"{k}={options[k]}" for k in keys if k in options)
