@@ -51,3 +51,29 @@ def resnet8_path(shared_data):
 def vww_path(shared_data):
     """Path of the MLPerf Tiny VWW MobileNetV1 .h5 (tf.keras 2.4)."""
     return _shared_file(shared_data, VWW_FILE)
+
+
+@pytest.fixture(scope="session")
+def resnet8_model(resnet8_path):
+    """The real ResNet-8, loaded once per session (do not modify it)."""
+    from keras_powerquant.loading import load_model
+
+    return load_model(resnet8_path)
+
+
+@pytest.fixture(scope="session")
+def cifar_test(shared_data):
+    """`(x, y)`: the first 932 CIFAR-10 test images as float32 0..255, and labels."""
+    import numpy as np
+
+    data = np.load(_shared_file(shared_data, "cifar10/test_first932.npz"))
+    return data["x"].astype("float32"), data["y"]
+
+
+@pytest.fixture(scope="session")
+def cifar_calibration(shared_data):
+    """512 CIFAR-10 training images (never test images), float32 0..255."""
+    import numpy as np
+
+    data = np.load(_shared_file(shared_data, "cifar10/train_4660.npz"))
+    return data["x"][:512].astype("float32")
