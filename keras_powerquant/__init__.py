@@ -17,9 +17,12 @@ if _keras.backend.backend() != "tensorflow":
         f"'{_keras.backend.backend()}'. Set KERAS_BACKEND=tensorflow before importing Keras."
     )
 
+from keras_powerquant.callbacks import PowerQuantExport  # noqa: E402
 from keras_powerquant.converter import convert  # noqa: E402
 from keras_powerquant.converter import fold_batch_norms  # noqa: E402
+from keras_powerquant.converter import inspect_model  # noqa: E402
 from keras_powerquant.errors import *  # noqa: E402,F401,F403
+from keras_powerquant.export import export_model  # noqa: E402
 from keras_powerquant.layers import PowerQuantActivation  # noqa: E402
 from keras_powerquant.layers import PowerQuantConv2D  # noqa: E402
 from keras_powerquant.layers import PowerQuantDense  # noqa: E402

@@ -146,7 +146,7 @@ class ConversionReport:
                 input_desc = f"{layer.input_bits}-bit" if layer.input_bits else "float"
                 lines.append(
                     f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {layer.weight_bits:>4} "
-                    f"{layer.exponent:>8.3f} {_fmt_ratio(ratio):>11}  {input_desc}"
+                    f"{_fmt_number(layer.exponent, '.3f'):>8} {_fmt_ratio(ratio):>11}  {input_desc}"
                     + (f" ({layer.position})" if layer.position else "")
                 )
             else:
@@ -159,9 +159,10 @@ class ConversionReport:
                       f"{'exponent':>8}  statistics"]
             for act in self.activations:
                 if act.status == "quantized":
+                    sign = "-" if act.signed is None else ("±" if act.signed else "+")
                     lines.append(
-                        f"{_clip(act.name, 34)} {act.bits:>4} {'±' if act.signed else '+':>4} "
-                        f"{act.clip:>9.4g} {act.exponent:>8.3f}  {act.rule}"
+                        f"{_clip(act.name, 34)} {act.bits:>4} {sign:>4} "
+                        f"{_fmt_number(act.clip, '.4g'):>9} {_fmt_number(act.exponent, '.3f'):>8}  {act.rule}"
                     )
                 else:
                     lines.append(f"{_clip(act.name, 34)} {'-':>4} {'':>4} {'':>9} {'':>8}  float: {act.reason}")
@@ -184,6 +185,10 @@ def _clip(text, width):
     """`text` cut or padded to exactly `width` characters."""
     text = text if len(text) <= width else text[: width - 1] + "…"
     return f"{text:<{width}}"
+
+
+def _fmt_number(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def _fmt_ratio(ratio):

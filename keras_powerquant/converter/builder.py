@@ -96,8 +96,13 @@ class ModelBuilder:
             for key, value in zip(op.output_keys, keras.tree.flatten(outputs)):
                 values[key] = value
         functional = functional_of(graph.model)
+        # Keras 2 files describe one input as a one-element list, which makes
+        # Keras 3 warn on every call with a plain tensor: give it the tensor.
+        input_struct = functional._inputs_struct
+        if isinstance(input_struct, (list, tuple)) and len(input_struct) == 1:
+            input_struct = input_struct[0]
         return keras.Model(
-            inputs=keras.tree.pack_sequence_as(functional._inputs_struct, inputs),
+            inputs=keras.tree.pack_sequence_as(input_struct, inputs),
             outputs=keras.tree.pack_sequence_as(
                 functional._outputs_struct, [values[k] for k in graph.output_keys]
             ),

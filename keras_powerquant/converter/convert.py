@@ -236,6 +236,31 @@ def convert(
     return quantized_model, report
 
 
+def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last_bits=8):
+    """Dry run of `convert`: what would be folded, quantized and kept float, and why.
+
+    Nothing is fitted: layer exponents and activation clips are None in the
+    returned `ConversionReport`, and activation statistics rules say where
+    data-free statistics are available.
+
+    Args:
+        model: a Functional or Sequential `keras.Model`, or a model file path.
+        wbits, abits, quantize_first_last, first_last_bits: as in `convert`.
+    """
+    _check_options(wbits, abits, "powerquant", "layer", 2.0, DEFAULT_EXPONENT_BOUNDS, first_last_bits)
+    model, notes = _resolve_model(model)
+    graph = FlatGraph(model)
+    folds, unfolded = plan_folds(graph)
+    plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
+    stats = propagate_statistics(graph, folds)
+    for quantizer in plan.quantizers.values():
+        quantizer.rule = stats[quantizer.key].rule
+        if stats[quantizer.key].sampler is None:
+            quantizer.reason = "no data-free statistics; needs calibration data"
+    options = {"method": "inspect", "wbits": wbits, "abits": abits, "quantize_first_last": quantize_first_last}
+    return _report(graph, plan, folds, unfolded, options, notes, {})
+
+
 def fold_batch_norms(model):
     """The float model with every foldable BatchNorm folded into its linear layer.
 
@@ -275,11 +300,11 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
                     params=int(layer_plan.kernel.size),
                     weight_bits=layer_plan.weight_bits,
                     position=layer_plan.position,
-                    exponent=layer_plan.fit.exponent,
-                    error=layer_plan.fit.error,
-                    uniform_error=layer_plan.fit.uniform_error,
-                    input_quantizer=quantizer.name if quantizer.quantized else None,
-                    input_bits=quantizer.bits if quantizer.quantized else None,
+                    exponent=layer_plan.fit.exponent if layer_plan.fit else None,
+                    error=layer_plan.fit.error if layer_plan.fit else None,
+                    uniform_error=layer_plan.fit.uniform_error if layer_plan.fit else None,
+                    input_quantizer=quantizer.name if quantizer.reason is None else None,
+                    input_bits=quantizer.bits if quantizer.reason is None else None,
                     folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
                 )
             )
@@ -299,7 +324,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
             ActivationReport(
                 name=quantizer.name,
                 kind=quantizer.kind,
-                status="quantized" if fit else "float",
+                status="float" if quantizer.reason else "quantized",
                 reason=quantizer.reason,
                 activation=quantizer.spec.name,
                 source=quantizer.source,

@@ -1,0 +1,1 @@
+"""The `kpq` command line (installed as `keras_powerquant.cli`)."""

@@ -1,0 +1,346 @@
+"""The `kpq` command line: convert, inspect and evaluate Keras models with PowerQuant.
+
+Exit status: 0 on success, 2 on usage errors, 1 on any other error, which
+is reported in one line on stderr (`kpq --debug ...` shows the traceback).
+Progress goes to stderr; results (tables, `--json`) go to stdout.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+
+import click
+
+import keras_powerquant as kpq
+from keras_powerquant.errors import CalibrationDataError
+from keras_powerquant.errors import ExportError
+from keras_powerquant.errors import ModelLoadError
+from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.export import existing_versions
+from keras_powerquant.export import export_model
+from keras_powerquant.export import KERAS_NAME
+from keras_powerquant.export import REPORT_NAME
+from keras_powerquant.quantization.validation import MAX_BITS
+from keras_powerquant.quantization.validation import MIN_BITS
+
+BITS = click.IntRange(MIN_BITS, MAX_BITS)
+
+
+def _handle_errors(command):
+    """Turns library errors into one-line messages and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        context = click.get_current_context()
+        try:
+            return command(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if context.obj and context.obj.get("debug"):
+                raise
+            if isinstance(exc, (PowerQuantError, ValueError, OSError)):
+                message = str(exc)
+            else:
+                message = f"unexpected {type(exc).__name__}: {exc} (run `kpq --debug ...` for the traceback)"
+            raise click.ClickException(message) from None
+
+    return wrapper
+
+
+class _Progress:
+    """Stage-by-stage progress on stderr, one line per stage when not a terminal."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.interactive = sys.stderr.isatty()
+        self._stage = None
+
+    def message(self, text):
+        if self.enabled:
+            self._end_line()
+            click.echo(text, err=True)
+
+    def __call__(self, stage, done, total):
+        if not self.enabled:
+            return
+        if stage != self._stage:
+            self._end_line()
+            self._stage = stage
+            if not self.interactive:
+                click.echo(f"  {stage}...", err=True)
+        if self.interactive:
+            count = f"{done}/{total}" if total else str(done)
+            click.echo(f"\r  {stage}: {count}", err=True, nl=False)
+
+    def _end_line(self):
+        if self.interactive and self._stage is not None:
+            click.echo(err=True)
+        self._stage = None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(kpq.__version__, prog_name="kpq")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(context, debug):
+    """Post-training PowerQuant quantization for Keras models.
+
+    \b
+    Typical use:
+      kpq inspect model.h5
+      kpq convert model.h5 -o export/ --wbits 4 --abits 4
+      kpq evaluate model.h5 export/ --data test.npz
+    """
+    context.ensure_object(dict)["debug"] = debug
+
+
+def _load_calibration(path, key):
+    import numpy as np
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CalibrationDataError(f"Cannot read calibration data '{path}': {exc}") from exc
+    if isinstance(data, np.ndarray):
+        return data
+    names = list(data.files)
+    if key is None:
+        if len(names) != 1 and "x" not in names:
+            raise CalibrationDataError(
+                f"'{path}' holds arrays {names}; choose one with --calibration-key."
+            )
+        key = "x" if "x" in names else names[0]
+    if key not in names:
+        raise CalibrationDataError(f"'{path}' has no array '{key}'; it holds {names}.")
+    return data[key]
+
+
+def _planned_paths(out, version, output_format):
+    paths = [REPORT_NAME.format(version=version)]
+    if output_format in ("savedmodel", "both"):
+        paths.append(str(version))
+    if output_format in ("keras", "both"):
+        paths.append(KERAS_NAME.format(version=version))
+    return [os.path.join(out, p) for p in paths]
+
+
+def _format_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Export folder (TF Serving base path).")
+@click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width.")
+@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width.")
+@click.option(
+    "--method",
+    type=click.Choice(["powerquant", "uniform"]),
+    default="powerquant",
+    show_default=True,
+    help="Fitted power exponents, or a = 1 (the uniform baseline).",
+)
+@click.option(
+    "--calibration-data",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Model inputs (.npy, or .npz with --calibration-key) to fit activation ranges on; "
+    "data-free (BatchNorm statistics) without it.",
+)
+@click.option("--calibration-key", help="Array name inside a calibration .npz [default: x].")
+@click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
+              help="One exponent per layer, or one shared by all layers.")
+@click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
+@click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
+@click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
+              show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
+@click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@_handle_errors
+def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
+            quantize_first_last, version, output_format, overwrite, as_json):
+    """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
+
+    Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
+    OUT/kpq-report-<version>.json; with --format keras/both also
+    OUT/kpq-model-<version>.keras. Nothing is written if anything fails, and
+    an existing version is kept unless --overwrite is given.
+    """
+    started = time.perf_counter()
+    progress = _Progress()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"Output path '{out}' exists and is not a folder.")
+    clashes = [p for p in _planned_paths(out, version, output_format) if os.path.exists(p)]
+    if clashes and not overwrite:
+        raise ExportError(
+            f"Version {version} already exists in '{out}' ({', '.join(map(os.path.basename, clashes))}); "
+            "use --overwrite to replace it or --version to write another."
+        )
+    progress.message(f"Loading {model}")
+    original = kpq.load_model(model)
+    calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
+    mode = "calibrated" if calibration is not None else "data-free"
+    progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
+    quantized, report = kpq.convert(
+        original,
+        wbits,
+        abits,
+        method,
+        calibration_data=calibration,
+        scope=scope,
+        quantize_first_last=quantize_first_last,
+        progress=progress,
+    )
+    progress.message(f"Exporting version {version} to {out}")
+    result = export_model(
+        quantized,
+        out,
+        version,
+        formats=output_format,
+        report=report,
+        float_model=original,
+        overwrite=overwrite,
+    )
+    with open(result.report_path, encoding="utf-8") as file:
+        metadata = json.load(file)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        metadata["paths"] = {
+            "saved_model": result.saved_model_dir,
+            "keras": result.keras_path,
+            "report": result.report_path,
+        }
+        metadata["seconds_total"] = elapsed
+        click.echo(json.dumps(metadata, indent=2))
+        return
+    sizes = metadata["sizes"]
+    click.echo(report.summary())
+    click.echo("")
+    click.echo(
+        f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
+        f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
+    )
+    for label, path in (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path)):
+        if path:
+            click.echo(f"{label}: {path}")
+    click.echo(f"Done in {elapsed:.1f} s.")
+
+
+def _converted_layers_table(loaded):
+    from keras_powerquant.layers import PowerQuantActivation
+    from keras_powerquant.layers import QuantizedKernelLayer
+
+    rows = []
+    for layer in loaded._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, QuantizedKernelLayer):
+            rows.append({"layer": layer.name, "class": type(layer).__name__, **layer.quantizer.get_config()})
+        elif isinstance(layer, PowerQuantActivation):
+            rows.append({"layer": layer.name, "class": type(layer).__name__, "activation": layer.activation,
+                         **layer.quantizer.get_config()})
+    return rows
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width to plan for.")
+@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width to plan for.")
+@click.option("--quantize-first-last", is_flag=True, help="Plan the first and last layers at --wbits/--abits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@_handle_errors
+def inspect(model, wbits, abits, quantize_first_last, as_json):
+    """Show what converting MODEL would do, or how a converted MODEL is quantized.
+
+    For an original .h5/.keras model: a dry run listing what would be
+    folded, quantized and kept float, and why. For a converted .keras model
+    or an export folder: its quantization metadata.
+    """
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        _inspect_export(model, as_json)
+        return
+    loaded = kpq.load_model(model)
+    converted = _converted_layers_table(loaded)
+    if converted:
+        if as_json:
+            click.echo(json.dumps({"model": loaded.name, "quantized_layers": converted}, indent=2))
+            return
+        click.echo(f"Converted model '{loaded.name}': {len(converted)} PowerQuant layers")
+        for row in converted:
+            details = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("layer", "class"))
+            click.echo(f"  {row['layer']:<32} {row['class']:<26} {details}")
+        return
+    report = kpq.inspect_model(loaded, wbits, abits, quantize_first_last)
+    click.echo(report.to_json() if as_json else report.summary())
+
+
+def _inspect_export(folder, as_json):
+    versions = existing_versions(folder)
+    base, version = folder, None
+    if not versions and os.path.basename(os.path.normpath(folder)).isdigit():
+        base = os.path.dirname(os.path.normpath(folder))
+        version = int(os.path.basename(os.path.normpath(folder)))
+    elif versions:
+        version = versions[-1]
+    report_path = os.path.join(base, REPORT_NAME.format(version=version)) if version else None
+    if report_path is None or not os.path.isfile(report_path):
+        raise ModelLoadError(
+            f"'{folder}' is neither a model nor a kpq export folder (no {REPORT_NAME.format(version='N')})."
+        )
+    with open(report_path, encoding="utf-8") as file:
+        metadata = json.load(file)
+    if as_json:
+        click.echo(json.dumps(metadata, indent=2))
+        return
+    click.echo(f"Export {base}, version {version} ({report_path})")
+    if metadata.get("report"):
+        click.echo(kpq.ConversionReport.from_dict(metadata["report"]).summary())
+    sizes = metadata.get("sizes", {})
+    if "variable_ratio" in sizes:
+        click.echo(
+            f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
+            f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
+        )
+    click.echo("Versions: " + ", ".join(f"{k} {v}" for k, v in metadata.get("versions", {}).items()))
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help=".npz with images and labels.")
+@click.option("--x-key", default="x", show_default=True, help="Array of inputs in --data.")
+@click.option("--y-key", default="y", show_default=True, help="Array of integer labels in --data.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply inputs by this (e.g. 0.00392 for x/255).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@_handle_errors
+def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
+    """Top-1/top-5 accuracy of MODELS (.h5, .keras, SavedModel or export folders) on the same images."""
+    import numpy as np
+
+    from keras_powerquant.evaluation import load_predictor
+    from keras_powerquant.evaluation import top_k_accuracy
+
+    try:
+        arrays = np.load(data, allow_pickle=False)
+        x, y = arrays[x_key], arrays[y_key]
+    except KeyError as exc:
+        raise click.BadParameter(f"'{data}' has no array {exc}; it holds {list(arrays.files)}.", param_hint="--x-key/--y-key")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read '{data}' as an .npz archive: {exc}") from exc
+    if len(x) != len(y):
+        raise CalibrationDataError(f"'{data}': {len(x)} inputs but {len(y)} labels.")
+    x = x.astype("float32") * np.float32(scale)
+    results = []
+    for path in models:
+        click.echo(f"Evaluating {path}", err=True)
+        results.append({"model": path, **top_k_accuracy(load_predictor(path), x, y, batch_size)})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    width = max(len(r["model"]) for r in results)
+    click.echo(f"{'model':<{width}}  {'top-1':>7}  {'top-5':>7}  images")
+    for r in results:
+        click.echo(f"{r['model']:<{width}}  {100 * r['top1']:>6.2f}%  {100 * r['top5']:>6.2f}%  {r['images']}")

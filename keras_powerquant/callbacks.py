@@ -1,0 +1,104 @@
+"""`PowerQuantExport`: convert and export a model when training ends."""
+
+import keras
+import numpy as np
+
+from keras_powerquant.converter import convert
+from keras_powerquant.export import export_model
+
+
+class PowerQuantExport(keras.callbacks.Callback):
+    """Converts the trained model to PowerQuant and exports the next version.
+
+    At the end of `fit`, the model (or, with `monitor`, its weights from the
+    best epoch) is converted with `keras_powerquant.convert` and written to
+    `export_dir/<next version>/` with its report, like `kpq convert`. The
+    model being trained is left as it was.
+
+    Args:
+        export_dir: the TF Serving export folder; each run adds a version.
+        wbits, abits, method: as in `convert`.
+        monitor: optional metric name (e.g. "val_accuracy"); the weights of
+            the epoch where it was best are converted.
+        mode: "min", "max" or "auto" (max for accuracy/AUC-like names).
+        formats: "savedmodel", "keras" or "both" (see `export_model`).
+        verbose: print where the export went.
+        **convert_options: other keyword arguments of `convert`
+            (calibration_data, scope, quantize_first_last, ...).
+
+    Attributes:
+        result: the `ExportResult` of the last export, or None.
+        report: the `ConversionReport` of the last export, or None.
+        best_epoch: the epoch whose weights were exported (with `monitor`).
+    """
+
+    def __init__(
+        self,
+        export_dir,
+        wbits=4,
+        abits=4,
+        method="powerquant",
+        monitor=None,
+        mode="auto",
+        formats="savedmodel",
+        verbose=1,
+        **convert_options,
+    ):
+        super().__init__()
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; got {mode!r}.")
+        self.export_dir = export_dir
+        self.wbits, self.abits, self.method = wbits, abits, method
+        self.monitor = monitor
+        if mode == "auto":
+            mode = "max" if monitor and any(k in monitor for k in ("acc", "auc", "precision", "recall")) else "min"
+        self.mode = mode
+        self.formats = formats
+        self.verbose = verbose
+        self.convert_options = convert_options
+        self.result = self.report = self.best_epoch = None
+        self._best_value = self._best_weights = None
+
+    def on_train_begin(self, logs=None):
+        self._best_value = self._best_weights = self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is None:
+            return
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise ValueError(
+                f"PowerQuantExport monitors '{self.monitor}', which is not among the logged "
+                f"metrics {sorted(logs or {})}."
+            )
+        better = self._best_value is None or (
+            value > self._best_value if self.mode == "max" else value < self._best_value
+        )
+        if better and np.isfinite(value):
+            self._best_value, self.best_epoch = float(value), epoch
+            self._best_weights = [np.array(w) for w in self.model.get_weights()]
+
+    def on_train_end(self, logs=None):
+        current = None
+        if self._best_weights is not None:
+            current = self.model.get_weights()
+            self.model.set_weights(self._best_weights)
+        try:
+            quantized, self.report = convert(
+                self.model, self.wbits, self.abits, self.method, **self.convert_options
+            )
+            self.result = export_model(
+                quantized,
+                self.export_dir,
+                None,
+                formats=self.formats,
+                report=self.report,
+                float_model=self.model,
+            )
+        finally:
+            if current is not None:
+                self.model.set_weights(current)
+        if self.verbose:
+            where = self.result.saved_model_dir or self.result.keras_path
+            epoch = "" if self.best_epoch is None else f" (weights of epoch {self.best_epoch + 1})"
+            print(f"PowerQuantExport: version {self.result.version} written to {where}{epoch}")
