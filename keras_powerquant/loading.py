@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import re
 import zipfile
 
 import h5py
@@ -43,17 +42,7 @@ _NEUTRAL_VALUES = {
     "time_major": False,
 }
 
-# Layer-config keys that Keras 3's legacy loader consumes itself before it
-# instantiates the layer (see keras.src.legacy.saving.saving_utils).
-_KEYS_HANDLED_BY_KERAS = frozenset({"batch_input_shape"})
-
 _MODEL_CLASS_NAMES = ("Sequential", "Functional", "Model")
-
-# `kwargs.pop("name"...)` or `"name" in kwargs` in an `__init__` body: the
-# keyword arguments a layer takes out of **kwargs by hand.
-_KWARGS_NAME_RE = re.compile(
-    r"""kwargs\.pop\(\s*["'](\w+)["']|["'](\w+)["']\s+in\s+kwargs\b"""
-)
 
 
 class _RepairError(Exception):
@@ -443,10 +432,17 @@ def _call_keras(path, load):
 
 
 def _brief(exc, limit=240):
-    """The first line of an exception's message, shortened."""
-    text = " ".join(str(exc).split("\n", 1)[0].split())
-    if not text:
-        text = type(exc).__name__
+    """The informative line of an exception's message, shortened.
+
+    Keras' deserialization errors open with the whole layer config and give
+    the cause last ("Exception encountered: ..."): prefer that line.
+    """
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if line.startswith("Exception encountered:")]
+    if causes:
+        text = causes[-1][len("Exception encountered:"):].strip()
+    else:
+        text = lines[0] if lines else type(exc).__name__
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
@@ -535,33 +531,21 @@ def _repair_layer(layer, notes):
     cls = _layer_class(class_name)
     if cls is None:
         return  # Unknown or custom class: Keras reports it when loading.
-    accepted = _accepted_arguments(cls)
-    if accepted is not None:
-        layer_name = config.get("name", layer.get("name", "?"))
-        for key in list(config):
-            if key in accepted or key in _KEYS_HANDLED_BY_KERAS:
-                continue
-            value = _plain(config[key])
-            if key in _NEUTRAL_VALUES and _same(value, _NEUTRAL_VALUES[key]):
-                del config[key]
-                notes.append(
-                    f"dropped unsupported argument {key}={value!r} from "
-                    f"{class_name} '{layer_name}'"
-                )
-            elif key in _NEUTRAL_VALUES:
-                raise _RepairError(
-                    f"{class_name} '{layer_name}' has {key}={value!r}, which "
-                    f"Keras 3's {class_name} does not support (only "
-                    f"{key}={_NEUTRAL_VALUES[key]!r}, which has no effect, "
-                    "can be dropped)."
-                )
-            else:
-                raise _RepairError(
-                    f"{class_name} '{layer_name}' has argument "
-                    f"{key}={value!r}, which Keras 3's {class_name} does not "
-                    "accept and which cannot be dropped without possibly "
-                    "changing the model."
-                )
+    layer_name = config.get("name", layer.get("name", "?"))
+    # Only known legacy arguments are handled here; any other argument Keras 3
+    # does not accept is reported by Keras itself when it builds the layer.
+    for key, neutral in _NEUTRAL_VALUES.items():
+        if key not in config or key in _named_parameters(cls):
+            continue
+        value = _plain(config[key])
+        if not _same(value, neutral):
+            raise _RepairError(
+                f"{class_name} '{layer_name}' has {key}={value!r}, which Keras 3's "
+                f"{class_name} does not support (only {key}={neutral!r}, which has no "
+                "effect, can be dropped)."
+            )
+        del config[key]
+        notes.append(f"dropped unsupported argument {key}={value!r} from {class_name} '{layer_name}'")
     # Wrapped layers: Bidirectional/TimeDistributed "layer", RNN "cell", ...
     for value in config.values():
         for item in value if isinstance(value, list) else [value]:
@@ -591,39 +575,19 @@ def _layer_class(class_name):
 
 
 @functools.lru_cache(maxsize=None)
-def _accepted_arguments(cls):
-    """Keyword arguments `cls(...)` accepts, or None if it cannot be told.
-
-    Follows `__init__` up the class hierarchy while each one forwards
-    `**kwargs`, collecting named parameters and the names taken out of
-    `**kwargs` by hand (e.g. LeakyReLU's legacy `alpha`). The base `Layer`
-    rejects everything else.
-    """
+def _named_parameters(cls):
+    """Keyword arguments named in the `__init__` signatures along `cls`'s MRO."""
     names = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         try:
-            params = list(inspect.signature(init).parameters.values())[1:]
+            parameters = list(inspect.signature(init).parameters.values())[1:]
         except (TypeError, ValueError):
-            return None
-        names.update(
-            p.name
-            for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        )
-        try:
-            source = inspect.getsource(init)
-        except (OSError, TypeError):
-            source = ""
-        for popped, tested in _KWARGS_NAME_RE.findall(source):
-            names.add(popped or tested)
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return frozenset(names)
-        if klass is keras.layers.Layer:
-            return frozenset(names)
-    return None
+            continue
+        names.update(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return frozenset(names)
 
 
 def _plain(value):
