@@ -6,17 +6,39 @@ import tensorflow as tf
 from keras_powerquant.quantization.activations import ActivationQuantizer
 
 
+def _uniform_magnitudes(values, top, levels):
+    """Quantizes values in `[0, top]` to `levels + 1` uniform levels (ties up).
+
+    One `FakeQuantWithMinMaxArgs` op when the level count is a power of two
+    it supports; a short arithmetic chain otherwise.
+    """
+    count = levels + 1
+    num_bits = count.bit_length() - 1
+    if count == 2**num_bits and num_bits >= 2:
+        return tf.quantization.fake_quant_with_min_max_args(values, min=0.0, max=top, num_bits=num_bits)
+    step = top / levels
+    return tf.floor(tf.minimum(values, top) * (1.0 / step) + 0.5) * step
+
+
 @keras.saving.register_keras_serializable(package="keras_powerquant")
 class PowerQuantActivation(keras.layers.Layer):
     """Applies an activation, then power-quantizes its output.
 
-    `y = decode(encode(f(x)))` with the quantizer of `ActivationQuantizer`
-    (unsigned: `q = round(M (min(f(x), c) / c)^a)`, `y = c (q / M)^(1/a)`).
-    No power is evaluated at run time: encoding is TensorFlow's `Bucketize`
-    against the fixed thresholds `c ((k - 1/2) / M)^(1/a)` and decoding a
-    gather from the table of levels. For an unsigned quantizer after
-    `relu` (or `relu6` with `clip <= 6`) the activation itself is skipped:
-    bucketizing already maps negatives to 0 and clips at `c`.
+    `y = decode(encode(f(x)))` with the quantizer of `ActivationQuantizer`:
+    unsigned, `q = round(M (min(f(x), c) / c)^a)` and `y = c (q / M)^(1/a)`
+    with `M = 2^bits - 1`; signed, the same on `|f(x)|` with
+    `m = 2^(bits-1) - 1` levels per side.
+
+    Quantizing `x` with the power grid is quantizing `u = x^a` uniformly on
+    `[0, c^a]`, so the layer computes `u = exp(a log x)`, applies
+    TensorFlow's uniform `FakeQuantWithMinMaxArgs` (which clips and rounds
+    ties up, like `ActivationQuantizer`) and maps back with
+    `exp(log(u) / a)`. At `a = 1` it is one FakeQuant op. On CPU this is 4 to
+    8 times faster than bucketizing against the thresholds and gathering
+    the levels (see benchmarks/), and every op has a GPU kernel. Outputs
+    equal the numpy reference up to float32 rounding of `exp`/`log` (a few
+    ulps); an input within such a rounding error of a decision threshold can
+    take the neighbouring code.
 
     Args:
         activation: a Keras activation name ("relu", "relu6", "sigmoid",
@@ -56,13 +78,15 @@ class PowerQuantActivation(keras.layers.Layer):
         self.negative_slope = float(negative_slope)
         self.threshold = float(threshold)
         self._activation_fn = keras.activations.get(activation)
-        self._thresholds = [float(t) for t in self.quantizer.thresholds()]
-        self._levels = self.quantizer.levels()
         self.built = True
 
     @property
     def activation_absorbed(self):
-        """Whether quantization alone already computes the activation."""
+        """Whether quantization alone already computes the activation.
+
+        An unsigned quantizer maps negatives to 0 and clips at `c`, which is
+        `relu` (or `relu6` when `c <= 6`) followed by quantization.
+        """
         if self.quantizer.signed:
             return False
         clip = self.quantizer.clip
@@ -83,10 +107,24 @@ class PowerQuantActivation(keras.layers.Layer):
         return self._activation_fn(inputs)
 
     def call(self, inputs):
-        if not self.activation_absorbed:
-            inputs = self.apply_activation(inputs)
-        indices = tf.raw_ops.Bucketize(input=inputs, boundaries=self._thresholds)
-        return tf.gather(self._levels, indices)
+        quantizer = self.quantizer
+        values = inputs if self.activation_absorbed else self.apply_activation(inputs)
+        a, clip, levels = quantizer.exponent, quantizer.clip, quantizer.max_code
+        if a == 1.0:
+            if quantizer.signed:
+                return tf.quantization.fake_quant_with_min_max_args(
+                    values, min=-clip, max=clip, num_bits=quantizer.bits, narrow_range=True
+                )
+            return tf.quantization.fake_quant_with_min_max_args(
+                values, min=0.0, max=clip, num_bits=quantizer.bits
+            )
+        sign = tf.sign(values) if quantizer.signed else None
+        # log needs x >= 0: magnitudes for signed codes, negatives to 0 otherwise.
+        magnitudes = tf.abs(values) if quantizer.signed else tf.nn.relu(values)
+        powered = tf.exp(tf.math.log(magnitudes) * a)
+        quantized = _uniform_magnitudes(powered, float(clip**a), levels)
+        decoded = tf.exp(tf.math.log(quantized) * (1.0 / a))
+        return decoded * sign if quantizer.signed else decoded
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -24,8 +24,10 @@ class QuantizedKernelLayer(keras.layers.Layer):
     - `bias`: float32 `(channels,)`, when `use_bias`.
 
     The kernel is decoded on each call with one gather from a table of the
-    `2^weight_bits` normalized levels `sign(q) (|q| / m)^(1/a)`, then scaled
-    per channel; the layer then runs the standard float op. Subclasses set
+    normalized levels `sign(q) (|q| / m)^(1/a)` (at `<= 4` bits, a table of
+    both codes of every byte value, which unpacks and decodes at once), then
+    scaled per channel; at `a = 1` above 4 bits the decode is a cast and a
+    multiply. The layer then runs the standard float op. Subclasses set
     `channel_ndim` and implement `kernel_shape(input_shape)` and `call`.
 
     Args:
@@ -119,11 +121,16 @@ class QuantizedKernelLayer(keras.layers.Layer):
 
     def dequantized_kernel(self):
         """The float32 kernel the layer computes with, in the Keras kernel shape."""
+        if not self.packed and self.weight_exponent == 1.0:
+            scale = self.kernel_scale * (1.0 / self.quantizer.max_code)
+            return tf.cast(self.kernel_codes, tf.float32) * scale
         indices = tf.cast(self.kernel_codes, tf.int32)
         if self.packed:
             # Row r of the pair table holds both codes of the byte r - 128.
             pairs = tf.gather(self._decode_table, indices + 128)
-            values = tf.reshape(tf.reshape(pairs, [-1])[: self._kernel_size], self._kernel_shape)
+            if self._kernel_size % 2:
+                pairs = tf.reshape(pairs, [-1])[: self._kernel_size]
+            values = tf.reshape(pairs, self._kernel_shape)
         else:
             values = tf.gather(self._decode_table, indices + self.quantizer.max_code)
         return values * self.kernel_scale

@@ -24,12 +24,12 @@ class ActivationQuantizer:
     without a following ReLU, a tanh...) use the symmetric form of the
     weight quantizer with `m = 2^(b-1) - 1` levels per side and clip `c`.
 
-    Because `x -> x^a` is monotone, encoding is bucketizing `x` against the
-    fixed thresholds `c * ((k - 1/2) / M)^(1/a)` and decoding is a lookup in
-    the table `levels()`: no power is evaluated at run time. Thresholds are
-    float32 and ties go up (`x` equal to a threshold takes the upper code),
-    which is exactly TensorFlow's `Bucketize`, so this numpy reference and
-    the Keras layer produce identical codes.
+    Because `x -> x^a` is monotone, encoding is comparing `|x|` with the
+    fixed float32 thresholds `c * ((k - 1/2) / M)^(1/a)` and decoding is a
+    lookup in the table `levels()`. Ties go up in magnitude: `|x|` equal to
+    a threshold takes the larger code, as in `WeightQuantizer`. This is the
+    reference the Keras layer `PowerQuantActivation` reproduces up to
+    float32 rounding.
 
     Args:
         bits: bit width `b`, from 2 to 8.
@@ -75,13 +75,14 @@ class ActivationQuantizer:
             magnitudes = np.concatenate([-magnitudes[:0:-1], magnitudes])
         return magnitudes.astype(np.float32)
 
-    def bucketize(self, x):
-        """Index into `levels()` of each element of `x` (int64)."""
-        return np.searchsorted(self.thresholds(), np.asarray(x, dtype=np.float32), side="right")
-
     def encode(self, x):
         """Integer codes in `[min_code, max_code]` (int64)."""
-        return self.bucketize(x) + self.min_code
+        x = np.asarray(x, dtype=np.float32)
+        thresholds = self.magnitude_thresholds().astype(np.float32)
+        if not self.signed:
+            return np.searchsorted(thresholds, x, side="right")
+        magnitudes = np.searchsorted(thresholds, np.abs(x), side="right")
+        return np.where(x < 0, -magnitudes, magnitudes)
 
     def decode(self, codes):
         """float32 values of integer codes."""
@@ -89,7 +90,7 @@ class ActivationQuantizer:
 
     def quantize(self, x):
         """Quantize-dequantize: `decode(encode(x))`, float32."""
-        return self.levels()[self.bucketize(x)]
+        return self.decode(self.encode(x))
 
     def get_config(self):
         return {
