@@ -1,0 +1,32 @@
+# Two entry points, each setting up everything on a fresh machine:
+#   make demo   trains the generated demo CNN, converts it (PowerQuant and
+#               uniform, W4/A4) and prints float vs quantized accuracy
+#   make test   runs the test suite
+# Both create the virtualenv $(VENV) and install the project into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := build/demo
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m keras_powerquant.demo $(DEMO)
+	$(BIN)/kpq convert $(DEMO)/model.keras -o $(DEMO)/powerquant --wbits 4 --abits 4 \
+		--calibration-data $(DEMO)/calibration.npy --overwrite
+	$(BIN)/kpq convert $(DEMO)/model.keras -o $(DEMO)/uniform --wbits 4 --abits 4 --method uniform \
+		--calibration-data $(DEMO)/calibration.npy --overwrite
+	$(BIN)/kpq evaluate $(DEMO)/model.keras $(DEMO)/uniform $(DEMO)/powerquant --data $(DEMO)/test.npz
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build
