@@ -81,10 +81,6 @@ SIGN_PRESERVING = GRID_PRESERVING + (
 )
 
 
-def exact_type_in(layer, types):
-    return type(layer) in types
-
-
 def is_grid_preserving(layer):
     if type(layer) is L.UpSampling2D or type(layer) is L.UpSampling3D:
         return getattr(layer, "interpolation", "nearest") == "nearest"

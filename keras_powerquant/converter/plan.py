@@ -74,7 +74,6 @@ class LayerPlan:
         position: "first", "last", "first+last" or None.
         kernel, bias: float32 weights with any BatchNorm folded in.
         fold: the folded BatchNorm's `Fold`, or None.
-        split_activation: its own activation when split into a quantizer.
         input_quantizer: the `QuantizerPlan` that quantizes its input.
     """
 
@@ -85,7 +84,6 @@ class LayerPlan:
     kernel: object
     bias: object
     fold: object = None
-    split_activation: Optional[ActivationSpec] = None
     input_quantizer: Optional[QuantizerPlan] = None
     fit: Optional[ExponentFit] = None
 
@@ -225,7 +223,6 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
             quantizer = quantizer_at(source_key, "activation", name, spec, producer.layer.name)
         elif producer_plan is not None and fused_activation_spec(producer.layer) not in (None, LINEAR):
             spec = fused_activation_spec(producer.layer)
-            producer_plan.split_activation = spec
             name = f"{producer.layer.name}_{spec.name}"
             quantizer = quantizer_at(source_key, "fused", name, spec, producer.layer.name)
         else:

@@ -47,9 +47,6 @@ class ChannelGaussians:
     def channels(self):
         return self.mean.size
 
-    def with_rule(self, rule):
-        return dataclasses.replace(self, rule=rule)
-
     def samples(self, total=DEFAULT_TOTAL_SAMPLES):
         """Deterministic samples, `(channels, n)`: the normal quantiles of each channel.
 
