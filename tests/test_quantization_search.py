@@ -255,7 +255,9 @@ def activation_samples(kind, n=20_000, seed=0):
     return z * 2.0 - 0.5  # signed, Gaussian
 
 
-@pytest.mark.parametrize("kind, signed", [("relu", False), ("relu6", False), ("sigmoid", False), ("gaussian", True)])
+@pytest.mark.parametrize(
+    "kind, signed", [("relu", False), ("relu6", False), ("sigmoid", False), ("gaussian", True)]
+)
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_fit_activation_properties(kind, signed, bits):
     samples = activation_samples(kind)
