@@ -43,7 +43,9 @@ def build_with_weights(layer, input_shape, rng, zero_channel=False):
 
 
 def reference_kernel(layer, kernel):
-    quantizer = WeightQuantizer(layer.weight_bits, layer.weight_exponent, layer.quantizer.per_channel)
+    quantizer = WeightQuantizer(
+        layer.weight_bits, layer.weight_exponent, per_channel=layer.quantizer.per_channel
+    )
     return quantizer.quantize(kernel, layer.channel_ndim)
 
 
@@ -51,7 +53,9 @@ def check_variables(layer, kernel):
     """dtypes, shapes and stored values of the layer's variables."""
     assert layer.kernel_codes.dtype == "int8"
     assert layer.kernel_scale.dtype == "float32"
-    quantizer = WeightQuantizer(layer.weight_bits, layer.weight_exponent, layer.quantizer.per_channel)
+    quantizer = WeightQuantizer(
+        layer.weight_bits, layer.weight_exponent, per_channel=layer.quantizer.per_channel
+    )
     codes, scales = quantizer.encode(kernel, layer.channel_ndim)
     stored = layer.kernel_codes.numpy()
     if layer.weight_bits <= 4:
@@ -323,7 +327,8 @@ def test_keras_file_round_trip(tmp_path):
     model = keras.Model(inputs, outputs)
     for layer in (conv, depthwise, dense):
         kernel = rng.standard_normal(layer._kernel_shape).astype(np.float32)
-        bias = rng.standard_normal(layer.output_channels(layer._kernel_shape)) if layer.use_bias else None
+        channels = layer.output_channels(layer._kernel_shape)
+        bias = rng.standard_normal(channels) if layer.use_bias else None
         layer.set_float_weights(kernel, bias)
 
     data = rng.standard_normal((16, 8, 8, 3)).astype(np.float32) * 2
@@ -396,7 +401,9 @@ ACTIVATION_CASES = [
     dict(activation="relu", clip=2.0, negative_slope=0.1),
     dict(activation="relu", clip=2.0, negative_slope=0.1, signed=True),
     dict(activation="relu", clip=2.0, threshold=0.5),
-    dict(activation="relu", clip=2.0, threshold=0.5, negative_slope=0.2, max_value=1.5, signed=True),
+    dict(
+        activation="relu", clip=2.0, threshold=0.5, negative_slope=0.2, max_value=1.5, signed=True
+    ),
 ]
 
 
@@ -424,7 +431,8 @@ def test_activation_layer_equals_numpy_quantizer(bits, exponent, case):
         if kwargs.get("max_value") is not None:
             positive = positive[positive <= kwargs["max_value"]]
         at = layer(positive[None, :]).numpy()[0]
-        np.testing.assert_array_equal(at, quantizer.levels()[np.searchsorted(thresholds, positive) + 1])
+        upper = quantizer.levels()[np.searchsorted(thresholds, positive) + 1]
+        np.testing.assert_array_equal(at, upper)
 
 
 @pytest.mark.parametrize(
