@@ -361,3 +361,11 @@ def test_activation_network_scope_shares_one_exponent():
     for fit, model in zip(fits, models):
         assert fit.clip <= model.max_value
         assert fit.error == model.error(fit.clip, fit.exponent)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 4.0])
+def test_search_rejects_bits_outside_2_to_8(bits):
+    with pytest.raises(ValueError):
+        fit_weight_exponent(np.ones(10, np.float32), bits, channel_ndim=0)
+    with pytest.raises(ValueError):
+        fit_activation(np.ones(10), bits, signed=False)
