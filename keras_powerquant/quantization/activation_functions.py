@@ -10,7 +10,7 @@ from scipy import special
 
 def relu(x, max_value=None, negative_slope=0.0, threshold=0.0):
     """Keras' `relu` with its `max_value`, `negative_slope` and `threshold`."""
-    y = np.where(x >= threshold, x, negative_slope * (x - threshold))
+    y = np.where(x > threshold, x, negative_slope * (x - threshold))
     if max_value is not None:
         y = np.minimum(y, max_value)
     return y

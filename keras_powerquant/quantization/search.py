@@ -135,6 +135,8 @@ class WeightErrorModel:
     def __init__(self, weights, bits, channel_ndim=1, p=2.0):
         self.max_code = 2 ** (check_bits(bits) - 1) - 1
         weights = np.asarray(weights, dtype=np.float32)
+        if not np.all(np.isfinite(weights)):
+            raise ValueError("Cannot fit an exponent to weights that contain NaN or Inf.")
         scales = channel_scales(weights, channel_ndim)
         safe = np.where(scales > 0, scales, np.float32(1.0))
         normalized = np.abs(weights) / safe
