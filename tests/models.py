@@ -46,6 +46,14 @@ def leaf_layers(model):
     ]
 
 
+def find_layer(model, name):
+    """The leaf layer called `name`, searching nested models too."""
+    for layer in leaf_layers(model):
+        if layer.name == name:
+            return layer
+    raise KeyError(name)
+
+
 def batch_norms(model):
     return [layer for layer in leaf_layers(model) if type(layer) is L.BatchNormalization]
 
