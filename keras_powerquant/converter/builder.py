@@ -120,7 +120,9 @@ class ModelBuilder:
         layer_plan = self.plan.layers.get(id(layer)) if self.plan is not None else None
         if layer_plan is not None:
             return self._call_quantized(layer_plan, values)
-        if self.plan is None and id(layer) in self.folds:
+        if id(layer) in self.folds:
+            # A layer left float (Conv1D, grouped Conv2D...) whose BatchNorm
+            # was folded: its BatchNorm call is skipped, so it must carry it.
             return self._call_folded_float(op, values)
         activation_quantizer = self._quantizer(op.output_key)
         if activation_quantizer is not None and activation_quantizer.kind == "activation":

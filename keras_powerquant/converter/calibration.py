@@ -71,9 +71,16 @@ def _check_input(array, tensor, index):
             f"{_describe_shape(array.shape)}."
         )
     if array.shape[0] == 0:
-        raise CalibrationDataError(f"Calibration input {index} ('{name}') holds no samples.")
+        raise CalibrationDataError(
+            f"Calibration input {index} ('{name}'): expected at least one sample; got shape "
+            f"{_describe_shape(array.shape)}."
+        )
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        raise CalibrationDataError(f"Calibration input {index} ('{name}') contains NaN or Inf.")
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise CalibrationDataError(
+            f"Calibration input {index} ('{name}'): expected finite values; got {bad} NaN or "
+            f"Inf value(s) in a batch of shape {_describe_shape(array.shape)}."
+        )
     return array.astype(tensor.dtype if tensor.dtype else "float32", copy=False)
 
 
@@ -139,7 +146,9 @@ def calibration_batches(data, input_tensors, batch_size=DEFAULT_BATCH_SIZE, max_
         yield [_check_input(a, t, i) for i, (a, t) in enumerate(zip(arrays, input_tensors))]
         count += 1
     if count == 0:
-        raise CalibrationDataError("The calibration data is empty.")
+        raise CalibrationDataError(
+            "The calibration data is empty: expected at least one batch of model inputs; got none."
+        )
 
 
 def _flat_batches(data, input_tensors, batch_size):

@@ -42,7 +42,10 @@ def _resolve_model(model):
 
 
 def _check_finite(model):
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    layers = model._flatten_layers(include_self=False, recursive=True)
+    # Leaf layers first: a nested model's weights include its layers' weights,
+    # and the message must name the layer that holds the bad weight.
+    for layer in sorted(layers, key=lambda layer: isinstance(layer, keras.Model)):
         for weight in layer.weights:
             if not np.all(np.isfinite(keras.ops.convert_to_numpy(weight))):
                 raise InvalidModelError(
