@@ -98,8 +98,8 @@ def test_saved_model_serves_without_keras_powerquant(resnet8_export, resnet8_w4,
 def test_every_serving_op_has_a_gpu_kernel(resnet8_export):
     nodes = serving_nodes(resnet8_export.saved_model_dir)
     ops = {node.op for node in nodes}
-    # The activation path is Bucketize + gather; no run-time power, no Python.
-    assert {"Bucketize", "GatherV2"} <= ops
+    # Activations: FakeQuant in the power domain; kernels: a gather. No Pow, no Python.
+    assert {"FakeQuantWithMinMaxArgs", "Exp", "Log", "GatherV2"} <= ops
     assert not ops & {"Pow", "EagerPyFunc", "PyFunc", "PyFuncStateless"}
     assert nodes_without_gpu_kernel(nodes) == []
 

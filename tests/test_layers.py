@@ -407,6 +407,24 @@ ACTIVATION_CASES = [
 ]
 
 
+def assert_matches_reference(outputs, activated, quantizer):
+    """Outputs equal the numpy reference up to float32 rounding of exp/log.
+
+    Only values lying on a decision threshold (within float32 rounding) may
+    take the neighbouring code, and then the output is that code's level.
+    """
+    expected = quantizer.quantize(activated)
+    scale = quantizer.clip
+    close = np.isclose(outputs, expected, rtol=2e-6, atol=2e-6 * scale)
+    magnitudes = np.abs(activated[~close]).astype(np.float64)
+    thresholds = quantizer.magnitude_thresholds()
+    distance = np.min(np.abs(magnitudes[:, None] - thresholds[None, :]), axis=1, initial=np.inf)
+    assert np.all(distance <= 4e-7 * np.maximum(magnitudes, scale)), activated[~close][:5]
+    levels = quantizer.levels()
+    nearest = np.min(np.abs(outputs[~close][:, None] - levels[None, :]), axis=1, initial=0.0)
+    assert np.all(nearest <= 2e-6 * scale)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("exponent", [0.45, 1.0, 1.6])
 @pytest.mark.parametrize("case", range(len(ACTIVATION_CASES)))
@@ -419,20 +437,30 @@ def test_activation_layer_equals_numpy_quantizer(bits, exponent, case):
     if kwargs["activation"] == "tanh":
         preimage = lambda t: np.arctanh(np.clip(t, -0.999999, 0.999999))  # noqa: E731
     x = activation_inputs(quantizer, rng, preimage)
-    expected = quantizer.quantize(keras_activation(layer, x))
     outputs = layer(x).numpy()
     assert outputs.dtype == np.float32 and outputs.shape == x.shape
-    np.testing.assert_array_equal(outputs, expected)
-    # Inputs exactly at thresholds (where the activation is the identity on
-    # them) take the upper code.
-    if kwargs["activation"] in ("relu", "linear") and not kwargs.get("threshold"):
-        thresholds = quantizer.thresholds()
-        positive = thresholds[thresholds > 0]
-        if kwargs.get("max_value") is not None:
-            positive = positive[positive <= kwargs["max_value"]]
-        at = layer(positive[None, :]).numpy()[0]
-        upper = quantizer.levels()[np.searchsorted(thresholds, positive) + 1]
-        np.testing.assert_array_equal(at, upper)
+    assert np.all(np.isfinite(outputs))
+    assert_matches_reference(outputs[0], keras_activation(layer, x)[0], quantizer)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("exponent", [0.45, 1.0, 1.6])
+@pytest.mark.parametrize("signed", [False, True])
+def test_values_clearly_off_thresholds_take_the_reference_code(bits, exponent, signed):
+    quantizer = ActivationQuantizer(bits, exponent, 2.0, signed)
+    layer = PowerQuantActivation("linear", bits, exponent, 2.0, signed)
+    thresholds = quantizer.magnitude_thresholds()
+    # 1e-4 relative away from each threshold, both sides: far beyond rounding.
+    x = np.concatenate([thresholds * (1 - 1e-4), thresholds * (1 + 1e-4)]).astype(np.float32)
+    if signed:
+        x = np.concatenate([x, -x])
+    codes = quantizer.encode(x)
+    decoded = quantizer.decode(codes)
+    np.testing.assert_allclose(layer(x[None, :]).numpy()[0], decoded, rtol=2e-6, atol=1e-7)
+    # Just below a threshold gives the lower code, just above the upper one.
+    n = len(thresholds)
+    np.testing.assert_array_equal(np.abs(codes[:n]), np.arange(n))
+    np.testing.assert_array_equal(np.abs(codes[n : 2 * n]), np.arange(1, n + 1))
 
 
 @pytest.mark.parametrize(
@@ -452,11 +480,12 @@ def test_absorbed_relu_equals_explicit_relu(kwargs, bits):
     quantizer = layer.quantizer
     x = activation_inputs(quantizer, np.random.default_rng(bits))
     x = np.concatenate([x, [[np.inf, -np.inf]]], axis=1).astype(np.float32)
-    explicit = quantizer.quantize(keras_activation(layer, x))
-    np.testing.assert_array_equal(layer(x).numpy(), explicit)
-    # The shortcut really skips the activation op.
-    graph_ops = op_types(layer, tf.TensorSpec([None, 5], tf.float32))
-    assert not graph_ops & {"Relu", "Relu6", "Minimum", "Maximum", "ClipByValue"}
+    assert_matches_reference(layer(x).numpy()[0], keras_activation(layer, x)[0], quantizer)
+    # The shortcut really skips the activation op: at a = 1 FakeQuant alone
+    # clips and rounds; otherwise one Relu guards the logarithm.
+    uniform = PowerQuantActivation(bits=bits, exponent=1.0, **kwargs)
+    assert op_types(uniform, tf.TensorSpec([None, 5], tf.float32)) & ACTIVATION_OPS == set()
+    assert op_types(layer, tf.TensorSpec([None, 5], tf.float32)) & ACTIVATION_OPS == {"Relu"}
 
 
 @pytest.mark.parametrize(
@@ -516,7 +545,9 @@ def test_numpy_relu_matches_keras_including_at_the_threshold(kwargs):
 
 
 # ---------------------------------------------------------------------------
-# Graphs: bucketize + gather, no power at run time.
+# Graphs: FakeQuant in the power domain, no Pow op, gathers for kernels.
+
+ACTIVATION_OPS = {"Relu", "Relu6", "Minimum", "Maximum", "ClipByValue"}
 
 
 def op_types(layer, spec):
@@ -525,11 +556,13 @@ def op_types(layer, spec):
 
 
 @pytest.mark.parametrize("case", range(len(ACTIVATION_CASES)))
-def test_activation_graph_has_no_pow(case):
-    layer = PowerQuantActivation(bits=4, exponent=0.62, **ACTIVATION_CASES[case])
+@pytest.mark.parametrize("exponent", [0.62, 1.0])
+def test_activation_graph_quantizes_with_fakequant_and_no_pow(case, exponent):
+    layer = PowerQuantActivation(bits=4, exponent=exponent, **ACTIVATION_CASES[case])
     types = op_types(layer, tf.TensorSpec([None, 4, 4, 3], tf.float32))
-    assert "Bucketize" in types and "GatherV2" in types
+    assert "FakeQuantWithMinMaxArgs" in types
     assert not any("Pow" in t for t in types), types
+    assert ("Exp" in types) == (exponent != 1.0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

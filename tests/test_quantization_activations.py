@@ -104,13 +104,20 @@ def test_every_code_round_trips_and_decode_is_increasing(signed, bits, exponent,
 def test_encode_is_round_with_ties_up_against_float32_thresholds(data):
     quantizer = data.draw(quantizers())
     x = data.draw(inputs(quantizer))
-    thresholds = quantizer.thresholds()
-    # Code index = number of thresholds at or below x (ties go up).
-    expected = (thresholds[None, :] <= x[:, None]).sum(axis=1) + quantizer.min_code
+    magnitude_thresholds = quantizer.magnitude_thresholds().astype(np.float32)
+    # Code magnitude = number of thresholds at or below |x| (ties go up in
+    # magnitude); negative inputs of an unsigned quantizer get code 0.
+    counts = (magnitude_thresholds[None, :] <= np.abs(x)[:, None]).sum(axis=1)
+    if quantizer.signed:
+        expected = np.where(x < 0, -counts, counts)
+    else:
+        expected = np.where(x < 0, 0, counts)
     np.testing.assert_array_equal(quantizer.encode(x), expected)
-    # A value exactly at a threshold takes the upper code.
-    at_thresholds = np.arange(1, thresholds.size + 1) + quantizer.min_code
-    np.testing.assert_array_equal(quantizer.encode(thresholds), at_thresholds)
+    # A value exactly at a threshold takes the code further from zero.
+    steps = np.arange(1, magnitude_thresholds.size + 1)
+    np.testing.assert_array_equal(quantizer.encode(magnitude_thresholds), steps)
+    if quantizer.signed:
+        np.testing.assert_array_equal(quantizer.encode(-magnitude_thresholds), -steps)
     np.testing.assert_array_equal(quantizer.quantize(x), quantizer.decode(quantizer.encode(x)))
 
 

@@ -64,7 +64,10 @@ def _check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_b
         raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
     if not float(p) > 0:
         raise ValueError(f"`p` must be > 0; got {p}.")
-    low, high = exponent_bounds
+    try:
+        low, high = (float(b) for b in exponent_bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"`exponent_bounds` must be a pair (low, high); got {exponent_bounds!r}.") from None
     if not 0 < low < high:
         raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high; got {exponent_bounds}.")
 
@@ -157,7 +160,9 @@ def convert(
             everywhere: the baseline).
         calibration_data: optional model inputs (numpy array, list/dict of
             arrays, `tf.data.Dataset`, or iterable of batches) to fit
-            activation quantizers on instead of BatchNorm statistics.
+            activation quantizers on instead of BatchNorm statistics. Lists
+            follow `model.inputs` order (Keras sorts dict inputs by key);
+            dicts are matched by input name.
         scope: "layer" (one exponent per layer) or "network" (one weight
             exponent and one activation exponent shared by all layers).
         per_channel: one weight scale per output channel, or per tensor.
@@ -275,6 +280,7 @@ def fold_batch_norms(model):
         `ConversionReport` listing folded and kept BatchNorms.
     """
     model, notes = _resolve_model(model)
+    _check_finite(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     folded = ModelBuilder(graph, folds).build()

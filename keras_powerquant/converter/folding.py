@@ -56,10 +56,12 @@ def plan_folds(graph):
         `(folds, skipped)`: `folds` maps `id(linear layer)` to a `Fold`;
         `skipped` lists `(batch_norm_layer, reason)` for those left in place.
     """
-    folds, skipped = {}, []
+    folds, skipped, seen = {}, [], set()
     for op in graph.ops:
-        if type(op.layer) is not keras.layers.BatchNormalization:
+        # A nested model called twice calls its BatchNorms twice: judge each layer once.
+        if type(op.layer) is not keras.layers.BatchNormalization or id(op.layer) in seen:
             continue
+        seen.add(id(op.layer))
         reason = _why_not_foldable(graph, op)
         if reason is None:
             linear = graph.producer[op.input_key].layer
