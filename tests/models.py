@@ -433,6 +433,24 @@ EXPECTED_KEPT = {
 }
 
 
+class Subclassed(keras.Model):
+    """A subclassed model: its computation is Python code, not a layer graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def subclassed():
+    """A built `Subclassed` model."""
+    model = Subclassed()
+    model(np.zeros((1, 3), "float32"))
+    return model
+
+
 def build(name, seed=0, stats="data", **kwargs):
     """The model built by `BUILDERS[name]`."""
     return BUILDERS[name](seed=seed, stats=stats, **kwargs)

@@ -560,16 +560,7 @@ def test_converting_a_keras_file_equals_converting_the_model(originals, converte
 
 
 def test_subclassed_and_unbuilt_models_are_unsupported():
-    class Subclassed(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = L.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
-    model = Subclassed()
-    model(np.zeros((1, 3), "float32"))
+    model = M.subclassed()
     with pytest.raises(UnsupportedModelError, match="subclassed"):
         convert(model)
     with pytest.raises(UnsupportedModelError, match="input shape"):

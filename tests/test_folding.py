@@ -175,16 +175,7 @@ def test_batch_norm_without_center_or_scale_and_dense_on_sequences_fold():
 
 
 def test_fold_rejects_subclassed_and_unbuilt_models():
-    class Subclassed(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = L.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
-    model = Subclassed()
-    model(np.zeros((1, 3), "float32"))
+    model = M.subclassed()
     with pytest.raises(UnsupportedModelError):
         fold_batch_norms(model)
     with pytest.raises(UnsupportedModelError):

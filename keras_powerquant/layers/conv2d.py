@@ -34,6 +34,9 @@ class _PowerQuantConv2DBase(QuantizedKernelLayer):
         if self.data_format not in ("channels_last", "channels_first"):
             raise ValueError(f"`data_format` must be channels_last or channels_first; got {data_format!r}.")
 
+    def call(self, inputs):
+        return self._finish(self._convolve(inputs, self.dequantized_kernel()))
+
     def _input_channels(self, input_shape):
         return input_shape[-1] if self.data_format == "channels_last" else input_shape[1]
 
@@ -93,16 +96,15 @@ class PowerQuantConv2D(_PowerQuantConv2DBase):
     def kernel_shape(self, input_shape):
         return self.kernel_size + (self._input_channels(input_shape), self.filters)
 
-    def call(self, inputs):
-        outputs = tf.nn.conv2d(
+    def _convolve(self, inputs, kernel):
+        return tf.nn.conv2d(
             inputs,
-            self.dequantized_kernel(),
+            kernel,
             strides=self.strides,
             padding=self.padding.upper(),
             data_format=self._tf_data_format(),
             dilations=self.dilation_rate,
         )
-        return self._finish(outputs)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters}
@@ -139,16 +141,15 @@ class PowerQuantDepthwiseConv2D(_PowerQuantConv2DBase):
     def kernel_shape(self, input_shape):
         return self.kernel_size + (self._input_channels(input_shape), self.depth_multiplier)
 
-    def call(self, inputs):
-        outputs = tf.nn.depthwise_conv2d(
+    def _convolve(self, inputs, kernel):
+        return tf.nn.depthwise_conv2d(
             inputs,
-            self.dequantized_kernel(),
+            kernel,
             strides=self._strides4(),
             padding=self.padding.upper(),
             data_format=self._tf_data_format(),
             dilations=self.dilation_rate,
         )
-        return self._finish(outputs)
 
     def get_config(self):
         return {**super().get_config(), "depth_multiplier": self.depth_multiplier}
