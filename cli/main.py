@@ -325,9 +325,15 @@ def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
 
     try:
         arrays = np.load(data, allow_pickle=False)
+        if not hasattr(arrays, "files"):
+            raise ValueError("it holds a single array, not named arrays")
+        missing = [key for key in (x_key, y_key) if key not in arrays.files]
+        if missing:
+            raise click.BadParameter(
+                f"'{data}' has no array '{missing[0]}'; it holds {list(arrays.files)}.",
+                param_hint="--x-key/--y-key",
+            )
         x, y = arrays[x_key], arrays[y_key]
-    except KeyError as exc:
-        raise click.BadParameter(f"'{data}' has no array {exc}; it holds {list(arrays.files)}.", param_hint="--x-key/--y-key")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Cannot read '{data}' as an .npz archive: {exc}") from exc
     if len(x) != len(y):
