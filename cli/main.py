@@ -41,10 +41,12 @@ def _handle_errors(command):
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if context.obj and context.obj.get("debug"):
                 raise
+            # One line: the first of the message (`kpq --debug` shows it all).
+            text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             if isinstance(exc, (PowerQuantError, ValueError, OSError)):
-                message = str(exc)
+                message = text
             else:
-                message = f"unexpected {type(exc).__name__}: {exc} (run `kpq --debug ...` for the traceback)"
+                message = f"unexpected {type(exc).__name__}: {text} (run `kpq --debug ...` for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper
