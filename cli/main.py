@@ -315,7 +315,8 @@ def _inspect_export(folder, as_json):
 @click.option("--x-key", default="x", show_default=True, help="Array of inputs in --data.")
 @click.option("--y-key", default="y", show_default=True, help="Array of integer labels in --data.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply inputs by this (e.g. 0.00392 for x/255).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images per prediction batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @_handle_errors
 def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
