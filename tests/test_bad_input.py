@@ -367,7 +367,8 @@ def test_overwrite_replaces_the_version(model_copy, export_v1):
     assert sorted(after) == sorted(before)
     with open(export_v1 / "kpq-report-1.json", encoding="utf-8") as file:
         assert json.load(file)["report"]["options"]["method"] == "uniform"
-    for name in ("kpq-report-1.json", "kpq-model-1.keras", os.path.join("1", "variables", "variables.data-00000-of-00001")):
+    variables = os.path.join("1", "variables", "variables.data-00000-of-00001")
+    for name in ("kpq-report-1.json", "kpq-model-1.keras", variables):
         assert after[name] != before[name], name
     _no_leftovers(export_v1)
 

@@ -76,7 +76,7 @@ def _converted_outputs(model, weights, x, **options):
 
 
 def test_each_fit_exports_the_next_version_that_serves_the_converted_model(data, tmp_path, capsys):
-    (x, y), validation = data
+    (x, y), _ = data
     export_dir = tmp_path / "export"
     model = _tiny_cnn()
     callback = kpq.PowerQuantExport(str(export_dir))

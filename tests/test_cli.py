@@ -155,7 +155,8 @@ def test_convert_small_model_writes_savedmodel_and_report(small, kind, tmp_path)
     assert sorted(os.listdir(out)) == ["1", "kpq-report-1.json"]
     assert os.path.isfile(out / "1" / "saved_model.pb")
     metadata = _report(out)
-    assert [layer["name"] for layer in metadata["report"]["layers"] if layer["status"] == "quantized"] == SMALL_QUANTIZED
+    quantized = [layer["name"] for layer in metadata["report"]["layers"] if layer["status"] == "quantized"]
+    assert quantized == SMALL_QUANTIZED
     assert metadata["sizes"]["float_variable_bytes"] == _float_variable_bytes(model)
     _assert_text_summary(result.stdout, metadata, out)
     # Progress goes to stderr only.
@@ -164,7 +165,7 @@ def test_convert_small_model_writes_savedmodel_and_report(small, kind, tmp_path)
     assert "Error" not in result.stderr
 
 
-def test_convert_json_is_the_only_stdout(small_export, small, tmp_path):
+def test_convert_json_is_the_only_stdout(small, tmp_path):
     out = tmp_path / "out"
     result = _convert_ok(small[1]["keras"], "-o", out, "--json")
     data = json.loads(result.stdout)
@@ -431,7 +432,7 @@ def test_evaluate_side_by_side_matches_top_k_accuracy(small, small_export, eval_
     rows = json.loads(result.stdout)
     assert [row["model"] for row in rows] == [str(m) for m in models]
     for row, path in zip(rows, models):
-        assert row == {"model": str(path), **_expected(path, x, y, float(str(SCALE)))}
+        assert row == {"model": str(path), **_expected(path, x, y)}
     # Independent check on the float model: even images are right by construction.
     scores = model.predict(x.astype("float32") * np.float32(SCALE), verbose=0)
     ranked = np.argsort(-scores, axis=1)
@@ -470,7 +471,7 @@ def test_evaluate_custom_keys(small, eval_data):
     )
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
-    assert row == {"model": str(paths["keras"]), **_expected(paths["keras"], x, y, float(str(SCALE)))}
+    assert row == {"model": str(paths["keras"]), **_expected(paths["keras"], x, y)}
 
 
 @pytest.mark.parametrize("options", [[], ["--x-key", "images", "--y-key", "nope"]])
