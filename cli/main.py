@@ -41,10 +41,12 @@ def _handle_errors(command):
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if context.obj and context.obj.get("debug"):
                 raise
+            # One line: the first of the message (`kpq --debug` shows it all).
+            text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             if isinstance(exc, (PowerQuantError, ValueError, OSError)):
-                message = str(exc)
+                message = text
             else:
-                message = f"unexpected {type(exc).__name__}: {exc} (run `kpq --debug ...` for the traceback)"
+                message = f"unexpected {type(exc).__name__}: {text} (run `kpq --debug ...` for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper
@@ -313,7 +315,8 @@ def _inspect_export(folder, as_json):
 @click.option("--x-key", default="x", show_default=True, help="Array of inputs in --data.")
 @click.option("--y-key", default="y", show_default=True, help="Array of integer labels in --data.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply inputs by this (e.g. 0.00392 for x/255).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images per prediction batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @_handle_errors
 def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
@@ -325,9 +328,15 @@ def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
 
     try:
         arrays = np.load(data, allow_pickle=False)
+        if not hasattr(arrays, "files"):
+            raise ValueError("it holds a single array, not named arrays")
+        missing = [key for key in (x_key, y_key) if key not in arrays.files]
+        if missing:
+            raise click.BadParameter(
+                f"'{data}' has no array '{missing[0]}'; it holds {list(arrays.files)}.",
+                param_hint="--x-key/--y-key",
+            )
         x, y = arrays[x_key], arrays[y_key]
-    except KeyError as exc:
-        raise click.BadParameter(f"'{data}' has no array {exc}; it holds {list(arrays.files)}.", param_hint="--x-key/--y-key")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Cannot read '{data}' as an .npz archive: {exc}") from exc
     if len(x) != len(y):

@@ -187,7 +187,8 @@ def export_model(
             (`OUT/kpq-model-<version>.keras`) or "both".
         report: the `ConversionReport` to record beside the version.
         float_model: the original float model, to record sizes against.
-        overwrite: replace an existing version's artifacts.
+        overwrite: replace an existing version, all its artifacts (an old
+            SavedModel or .keras file not rewritten now is removed).
 
     Returns:
         An `ExportResult`.
@@ -232,6 +233,8 @@ def export_model(
             model.save(staged["keras"])
         with open(staged["report"], "w", encoding="utf-8") as file:
             json.dump(_metadata(model, report, sizes), file, indent=2)
+        if overwrite:
+            _retire_other_artifacts(export_dir, version, targets, staging)
         _move_into_place(staged, targets)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -241,6 +244,18 @@ def export_model(
         keras_path=targets.get("keras"),
         report_path=targets["report"],
     )
+
+
+def _retire_other_artifacts(export_dir, version, targets, staging):
+    """Moves this version's artifacts that are not being rewritten into staging (deleted with it).
+
+    Replacing a version must not leave, say, its old .keras file beside a
+    new SavedModel and a report that describes only the new conversion.
+    """
+    artifacts = (os.path.join(export_dir, str(version)), os.path.join(export_dir, KERAS_NAME.format(version=version)))
+    for path in artifacts:
+        if path not in targets.values() and os.path.exists(path):
+            os.rename(path, os.path.join(staging, os.path.basename(path) + ".stale"))
 
 
 def _move_into_place(staged, targets):

@@ -171,6 +171,8 @@ class ConversionReport:
             f"{len(self.quantized_layers)} layers quantized, {len(self.float_layers)} kept float; "
             f"{len(self.folded_batch_norms)} BatchNorm folded, {len(self.unfolded_batch_norms)} kept"
         )
+        for entry in self.folded_batch_norms:
+            lines.append(f"  BatchNorm '{entry['batch_norm']}' folded into '{entry['into']}'")
         for entry in self.unfolded_batch_norms:
             lines.append(f"  BatchNorm '{entry['batch_norm']}' kept: {entry['reason']}")
         for note in self.notes:

@@ -1,0 +1,161 @@
+"""Small models, file snapshots and `kpq` runners shared by the CLI, bad-input and callback tests."""
+
+import hashlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Lines TensorFlow's C++ runtime (absl logging) writes to stderr by itself,
+# before and whatever kpq prints; they are not kpq's messages.
+_RUNTIME_LOG_LINE = re.compile(
+    r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog|"
+    r"To enable the following instructions: .* rebuild TensorFlow|WARNING:absl:)"
+)
+
+# setup.cfg installs the top-level cli/ folder as `keras_powerquant.cli`; an
+# editable install maps that name to whichever checkout was installed. Tests
+# must exercise this checkout's cli/, in-process and in subprocesses alike.
+_CHECKOUT_CLI_BOOTSTRAP = f"""
+import importlib.util, sys
+_spec = importlib.util.spec_from_file_location(
+    "keras_powerquant.cli", {str(REPO_ROOT / "cli" / "__init__.py")!r},
+    submodule_search_locations=[{str(REPO_ROOT / "cli")!r}])
+_module = importlib.util.module_from_spec(_spec)
+sys.modules["keras_powerquant.cli"] = _module
+_spec.loader.exec_module(_module)
+"""
+
+
+def use_checkout_cli():
+    """Makes `keras_powerquant.cli` this checkout's cli/ folder in this process."""
+    module = sys.modules.get("keras_powerquant.cli")
+    if module is not None and list(getattr(module, "__path__", [])) == [str(REPO_ROOT / "cli")]:
+        return
+    for name in [n for n in sys.modules if n == "keras_powerquant.cli" or n.startswith("keras_powerquant.cli.")]:
+        del sys.modules[name]
+    exec(_CHECKOUT_CLI_BOOTSTRAP, {})  # noqa: S102 - our own constant code
+
+
+use_checkout_cli()
+
+INPUT_SHAPE = (8, 8, 3)
+NUM_CLASSES = 10
+
+
+def build_small_model(seed=0, name="small"):
+    """A functional CNN covering each conversion decision the CLI reports.
+
+    conv_a + bn_a (folded, first layer), sep_b (SeparableConv2D: kept float),
+    bn_b after a ReLU (kept: not foldable), conv_c + bn_c (folded, 4-bit
+    middle layer), logits (Dense, last layer). BatchNorm statistics are
+    random so folding changes the kernels.
+    """
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(INPUT_SHAPE, name="image")
+    h = layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv_a")(inputs)
+    h = layers.BatchNormalization(name="bn_a")(h)
+    h = layers.ReLU(name="relu_a")(h)
+    h = layers.SeparableConv2D(6, 3, padding="same", name="sep_b")(h)
+    h = layers.ReLU(name="relu_b")(h)
+    h = layers.BatchNormalization(name="bn_b")(h)
+    h = layers.Conv2D(6, 3, padding="same", name="conv_c")(h)
+    h = layers.BatchNormalization(name="bn_c")(h)
+    h = layers.ReLU(name="relu_c")(h)
+    h = layers.GlobalAveragePooling2D(name="pool")(h)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="logits")(h)
+    model = keras.Model(inputs, outputs, name=name)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.2, channels).astype("float32"))
+            layer.moving_mean.assign(rng.normal(0, 0.3, channels).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+    return model
+
+
+# Expected decisions for build_small_model, from how it is built.
+SMALL_FOLDS = {"bn_a": "conv_a", "bn_c": "conv_c"}
+SMALL_QUANTIZED = ["conv_a", "conv_c", "logits"]
+SMALL_FLOAT = {"sep_b": "SeparableConv2D"}
+SMALL_KEPT_BN = {"bn_b": "relu_b"}
+
+
+def random_images(count, seed=1):
+    """uint8 images of the small model's input shape."""
+    return np.random.default_rng(seed).integers(0, 256, (count,) + INPUT_SHAPE, dtype=np.uint8)
+
+
+def sha256(path):
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def snapshot(folder):
+    """{relative path: sha256 or "<dir>"} of everything under `folder` (hidden entries included)."""
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        return None
+    state = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            state[os.path.relpath(os.path.join(root, name), folder)] = "<dir>"
+        for name in files:
+            path = os.path.join(root, name)
+            state[os.path.relpath(path, folder)] = sha256(path)
+    return state
+
+
+def invoke(*args):
+    """Runs `kpq ARGS` in-process; returns click's Result (stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from keras_powerquant.cli.main import main
+
+    return CliRunner().invoke(main, [os.fspath(a) for a in args])
+
+
+def run_kpq(*args, cwd=None, timeout=300):
+    """Runs `kpq ARGS` as a real process; returns subprocess.CompletedProcess (text)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [
+        sys.executable,
+        "-c",
+        _CHECKOUT_CLI_BOOTSTRAP + "from keras_powerquant.cli.main import main\nmain(prog_name='kpq')\n",
+        *[os.fspath(a) for a in args],
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def kpq_stderr_lines(stderr):
+    """Non-empty stderr lines that kpq wrote (TensorFlow runtime log lines dropped)."""
+    return [line for line in stderr.splitlines() if line.strip() and not _RUNTIME_LOG_LINE.match(line)]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("Error:")]
+
+
+def assert_one_line_error(stderr, *fragments):
+    """kpq's failure report: exactly one "Error:" line, last, with the fragments, no traceback."""
+    lines = kpq_stderr_lines(stderr)
+    errors = error_lines(stderr)
+    assert len(errors) == 1, stderr
+    assert lines and lines[-1] == errors[0], stderr
+    assert "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
