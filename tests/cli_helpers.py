@@ -4,12 +4,13 @@ import hashlib
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Lines TensorFlow's C++ runtime (absl logging) writes to stderr by itself,
 # before and whatever kpq prints; they are not kpq's messages.
@@ -17,32 +18,6 @@ _RUNTIME_LOG_LINE = re.compile(
     r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog|"
     r"To enable the following instructions: .* rebuild TensorFlow|WARNING:absl:)"
 )
-
-# setup.cfg installs the top-level cli/ folder as `keras_powerquant.cli`; an
-# editable install maps that name to whichever checkout was installed. Tests
-# must exercise this checkout's cli/, in-process and in subprocesses alike.
-_CHECKOUT_CLI_BOOTSTRAP = f"""
-import importlib.util, sys
-_spec = importlib.util.spec_from_file_location(
-    "keras_powerquant.cli", {str(REPO_ROOT / "cli" / "__init__.py")!r},
-    submodule_search_locations=[{str(REPO_ROOT / "cli")!r}])
-_module = importlib.util.module_from_spec(_spec)
-sys.modules["keras_powerquant.cli"] = _module
-_spec.loader.exec_module(_module)
-"""
-
-
-def use_checkout_cli():
-    """Makes `keras_powerquant.cli` this checkout's cli/ folder in this process."""
-    module = sys.modules.get("keras_powerquant.cli")
-    if module is not None and list(getattr(module, "__path__", [])) == [str(REPO_ROOT / "cli")]:
-        return
-    for name in [n for n in sys.modules if n == "keras_powerquant.cli" or n.startswith("keras_powerquant.cli.")]:
-        del sys.modules[name]
-    exec(_CHECKOUT_CLI_BOOTSTRAP, {})  # noqa: S102 - our own constant code
-
-
-use_checkout_cli()
 
 INPUT_SHAPE = (8, 8, 3)
 NUM_CLASSES = 10
@@ -126,17 +101,14 @@ def invoke(*args):
 
 
 def run_kpq(*args, cwd=None, timeout=300):
-    """Runs `kpq ARGS` as a real process; returns subprocess.CompletedProcess (text)."""
+    """Runs the installed `kpq` command as a real process; returns subprocess.CompletedProcess (text)."""
+    executable = shutil.which("kpq", path=str(pathlib.Path(sys.executable).parent))
+    if executable is None:
+        pytest.skip("the kpq command is not installed next to this Python (pip install -e .)")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("KERAS_BACKEND", "tensorflow")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [
-        sys.executable,
-        "-c",
-        _CHECKOUT_CLI_BOOTSTRAP + "from keras_powerquant.cli.main import main\nmain(prog_name='kpq')\n",
-        *[os.fspath(a) for a in args],
-    ]
+    command = [executable, *[os.fspath(a) for a in args]]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 

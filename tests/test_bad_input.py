@@ -272,7 +272,7 @@ def test_cli_bit_widths_outside_2_to_8(model_copy, tmp_path, command, option, va
         (np.full((4,) + INPUT_SHAPE, "a"), ["Calibration input", DTYPE_MESSAGE, "got dtype <U1"]),
         (np.zeros((4,) + INPUT_SHAPE, bool), ["Calibration input", DTYPE_MESSAGE, "got dtype bool"]),
         (np.zeros((0,) + INPUT_SHAPE, "float32"), ["calibration data is empty"]),
-        (np.full((4,) + INPUT_SHAPE, np.nan, "float32"), ["Calibration input", "contains NaN or Inf"]),
+        (np.full((4,) + INPUT_SHAPE, np.nan, "float32"), ["Calibration input", "expected finite values", "NaN or Inf"]),
     ],
     ids=["spatial-shape", "rank", "strings", "bool", "empty", "nan"],
 )
