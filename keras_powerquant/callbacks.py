@@ -4,7 +4,10 @@ import keras
 import numpy as np
 
 from keras_powerquant.converter import convert
+from keras_powerquant.converter.convert import METHODS
 from keras_powerquant.export import export_model
+from keras_powerquant.export import FORMATS
+from keras_powerquant.quantization.validation import check_bits
 
 
 class PowerQuantExport(keras.callbacks.Callback):
@@ -45,6 +48,13 @@ class PowerQuantExport(keras.callbacks.Callback):
         **convert_options,
     ):
         super().__init__()
+        # Checked now: a typo found when training ends would cost the whole run.
+        check_bits(wbits, "wbits")
+        check_bits(abits, "abits")
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+        if formats not in FORMATS:
+            raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; got {mode!r}.")
         self.export_dir = export_dir

@@ -216,8 +216,10 @@ def export_model(
             f"Version {version} already exists in '{export_dir}' ({', '.join(map(os.path.basename, existing))}); "
             "pass overwrite=True (--overwrite) to replace it, or choose another version."
         )
+    created = not os.path.exists(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=export_dir)
+    succeeded = False
     try:
         staged = {name: os.path.join(staging, os.path.basename(path)) for name, path in targets.items()}
         sizes = {"variable_bytes": variable_bytes(model)}
@@ -236,8 +238,11 @@ def export_model(
         if overwrite:
             _retire_other_artifacts(export_dir, version, targets, staging)
         _move_into_place(staged, targets)
+        succeeded = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not succeeded and not os.listdir(export_dir):
+            os.rmdir(export_dir)  # a failed first export leaves no empty folder
     return ExportResult(
         version=version,
         saved_model_dir=targets.get("savedmodel"),

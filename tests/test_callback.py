@@ -163,3 +163,13 @@ def test_formats_both_writes_a_keras_file_matching_the_savedmodel(data, tmp_path
     np.testing.assert_allclose(
         served, _converted_outputs(model, model.get_weights(), x[:16], method="uniform"), atol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(wbits=9), dict(abits=1), dict(method="nonuniform"), dict(formats="onnx"), dict(mode="best")],
+)
+def test_bad_options_fail_before_training(tmp_path, options):
+    with pytest.raises(ValueError):
+        kpq.PowerQuantExport(tmp_path / "export", **options)
+    assert not (tmp_path / "export").exists()

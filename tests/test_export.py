@@ -216,3 +216,11 @@ def test_killed_export_leaves_no_partial_version(tmp_path):
     assert not os.path.exists(tmp_path / "1")
     assert not os.path.exists(tmp_path / "kpq-report-1.json")
     assert next_version(tmp_path) == 1
+
+
+def test_failed_first_export_leaves_no_empty_folder(tmp_path):
+    target = tmp_path / "new-export"
+    # Not a model: the export fails after it created the folder and staging.
+    with pytest.raises(AttributeError):
+        export_model(object(), target, 1)
+    assert not target.exists()
