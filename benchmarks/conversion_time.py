@@ -8,7 +8,7 @@ loading or building the model and exporting are outside the timed region.
 Each model is converted a few times in the same process (the median is
 reported; every repeat is kept), and the report's own per-stage seconds
 (analysis, statistics, weight fits, activation fits, model build) are
-recorded for the median run.
+recorded for the median run (the faster middle one for an even count).
 
 Goal: ResNet50 (25.6M parameters) converts data-free in under 30 s.
 """
@@ -113,7 +113,8 @@ def markdown(result):
         "## Conversion time",
         "",
         f"`{result['setting']}`. Timed: {result['timed']}. Median over the repeats "
-        "(all repeats in results.json); per-stage seconds are the report's, for the median run.",
+        "(all repeats in results.json); per-stage seconds are the report's, for the median run "
+        "(the faster middle one for an even count).",
         "",
     ]
     stages = ("analysis", "statistics", "weights", "activations", "build")

@@ -104,6 +104,9 @@ def main():
         "benchmarks": {},
         "plots": {},
     }
+    if not common.shared_data_dir().is_dir():
+        print(f"shared data folder {common.shared_data_dir()} not found (set KPQ_SHARED_DATA): "
+              "the benchmarks on the MLPerf Tiny models are skipped", file=sys.stderr)
     started = time.perf_counter()
     for name, module in BENCHMARKS.items():
         print(f"[{time.perf_counter() - started:6.0f} s] {name}...", flush=True)
