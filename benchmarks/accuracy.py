@@ -26,12 +26,13 @@ import keras
 import numpy as np
 from scipy import stats
 
-import keras_powerquant as kpq
 from keras_powerquant.evaluation import load_predictor
 
 BIT_CONFIGS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 QUICK_BIT_CONFIGS = [(8, 8), (4, 4)]
-METHODS = ("uniform", "powerquant")
+METHODS = tuple(common.VARIANTS)
+# Each PowerQuant variant is compared with uniform on the same images.
+COMPARED = ("powerquant", "powerquant-fast")
 CALIBRATIONS = ("data-free", "calibrated")
 CALIBRATION_IMAGES = 512
 BATCH_SIZE = 128
@@ -106,7 +107,7 @@ def run(quick=False):
             for calibration_name in CALIBRATIONS:
                 for method in METHODS:
                     data = calibration if calibration_name == "calibrated" else None
-                    quantized, report = kpq.convert(model, wbits, abits, method, calibration_data=data)
+                    quantized, report = common.convert_variant(model, wbits, abits, method, calibration_data=data)
                     name = f"{common.bits_label(wbits, abits)} {method} {calibration_name}"
                     folder = common.export_saved_model(
                         quantized, os.path.join(tmp, name.replace(" ", "_").replace("/", "")), report, model
@@ -120,11 +121,13 @@ def run(quick=False):
     for wbits, abits in configs:
         for calibration_name in CALIBRATIONS:
             label = common.bits_label(wbits, abits)
-            powerquant, uniform = (f"{label} {m} {calibration_name}" for m in ("powerquant", "uniform"))
-            pairs.append(
-                {"bits": label, "calibration": calibration_name, "a": powerquant, "b": uniform,
-                 **paired_comparison(hits[powerquant], hits[uniform])}
-            )
+            uniform = f"{label} uniform {calibration_name}"
+            for variant in COMPARED:
+                powerquant = f"{label} {variant} {calibration_name}"
+                pairs.append(
+                    {"bits": label, "calibration": calibration_name, "variant": variant, "a": powerquant,
+                     "b": uniform, **paired_comparison(hits[powerquant], hits[uniform])}
+                )
     return {
         "model": common.MODELS["resnet8"][0],
         "test_data": f"{common.CIFAR_TEST_FILE} (raw 0-255 float32, no scaling)",
@@ -144,9 +147,13 @@ def plot(result, folder):
     quantized = [r for r in result["results"] if r["method"] != "float"]
     labels = list(dict.fromkeys(common.bits_label(r["wbits"], r["abits"]) for r in quantized))
     series = [(c, m) for c in CALIBRATIONS for m in METHODS]
-    colors = {"uniform": ("#9ecae1", "#3182bd"), "powerquant": ("#fdae6b", "#e6550d")}
+    colors = {
+        "uniform": ("#9ecae1", "#3182bd"),
+        "powerquant": ("#fdae6b", "#e6550d"),
+        "powerquant-fast": ("#a1d99b", "#31a354"),
+    }
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     for i, (calibration_name, method) in enumerate(series):
         values = [
             next(r["top1"] for r in quantized
@@ -192,18 +199,21 @@ def markdown(result):
     ]
     lines += [common.markdown_table(["model", "top-1 %", "top-5 %", "images", "keras≠SM"], rows), ""]
     lines += [
-        "PowerQuant vs uniform, paired on the same images: images right only with PowerQuant "
-        "(PQ only) or only with uniform (U only), the difference of top-1 (PowerQuant - uniform) "
-        "± its paired standard error, and McNemar's exact p-value.",
+        "PowerQuant vs uniform, paired on the same images: images right only with the PowerQuant "
+        "variant (PQ only) or only with uniform (U only), the difference of top-1 (PowerQuant - "
+        "uniform) ± its paired standard error, and McNemar's exact p-value. `powerquant-fast` "
+        "restricts activation exponents to 1, 1/2, 1/4 (`fast_activations=True`).",
         "",
     ]
     rows = [
-        [p["bits"], p["calibration"], p["right_only_a"], p["right_only_b"],
+        [p["bits"], p["calibration"], p["variant"], p["right_only_a"], p["right_only_b"],
          f"{p['difference'] * 100:+.2f} ± {p['stderr'] * 100:.2f}", f"{p['mcnemar_p']:.3g}"]
         for p in result["pairs"]
     ]
     lines.append(
-        common.markdown_table(["bits", "activations", "PQ only", "U only", "Δ top-1 (points)", "McNemar p"], rows)
+        common.markdown_table(
+            ["bits", "activations", "variant", "PQ only", "U only", "Δ top-1 (points)", "McNemar p"], rows
+        )
     )
     return "\n".join(lines)
 

@@ -115,6 +115,19 @@ def random_inputs(name, model, batch, seed=SEED):
     return np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32)
 
 
+# Conversion variants the benchmarks compare: name -> convert() arguments.
+VARIANTS = {
+    "uniform": {"method": "uniform"},
+    "powerquant": {"method": "powerquant"},
+    "powerquant-fast": {"method": "powerquant", "fast_activations": True},
+}
+
+
+def convert_variant(model, wbits, abits, variant, **options):
+    """`kpq.convert` with the arguments of a named variant (see VARIANTS)."""
+    return kpq.convert(model, wbits, abits, **VARIANTS[variant], **options)
+
+
 def bits_label(wbits, abits):
     return f"W{wbits}/A{abits}"
 

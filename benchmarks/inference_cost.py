@@ -15,9 +15,10 @@ times, the ratio of medians quantized/float, and the median of the
 per-iteration ratios (each quantized call over the float call of the same
 iteration). Goal: quantized/float <= 1.10 at batch 16.
 
-Models: ResNet-8 (W4/A4 and W8/A8, PowerQuant and uniform), the VWW
-MobileNetV1 (W8/A8 PowerQuant) and MobileNetV2 (W4/A4 PowerQuant; not with
-`--quick`; batch 16 only when one float call takes under a second).
+Models: ResNet-8 (W4/A4 and W8/A8: PowerQuant, PowerQuant with fast
+activations and uniform), the VWW MobileNetV1 (W8/A8) and MobileNetV2
+(W4/A4; not with `--quick`; batch 16 only when one float call takes under a
+second), both PowerQuant and PowerQuant with fast activations.
 """
 
 import gc
@@ -34,9 +35,16 @@ import tensorflow as tf
 import keras_powerquant as kpq
 
 CONFIGS = {
-    "resnet8": [(4, 4, "powerquant"), (4, 4, "uniform"), (8, 8, "powerquant"), (8, 8, "uniform")],
-    "vww": [(8, 8, "powerquant")],
-    "mobilenetv2": [(4, 4, "powerquant")],
+    "resnet8": [
+        (4, 4, "powerquant"),
+        (4, 4, "powerquant-fast"),
+        (4, 4, "uniform"),
+        (8, 8, "powerquant"),
+        (8, 8, "powerquant-fast"),
+        (8, 8, "uniform"),
+    ],
+    "vww": [(8, 8, "powerquant"), (8, 8, "powerquant-fast")],
+    "mobilenetv2": [(4, 4, "powerquant"), (4, 4, "powerquant-fast")],
 }
 NOT_QUICK = {"mobilenetv2"}
 BATCHES = (1, 16)
@@ -96,7 +104,7 @@ def _measure_model(name, configs, quick, tmp):
     )
     for wbits, abits, method in configs:
         label = f"{common.bits_label(wbits, abits)} {method}"
-        quantized, report = kpq.convert(model, wbits, abits, method)
+        quantized, report = common.convert_variant(model, wbits, abits, method)
         folder = os.path.join(tmp, f"{name}-{wbits}-{abits}-{method}")
         served[label] = common.serving_function(common.export_saved_model(quantized, folder, report, model))
     return [_time_batch(name, model, served, batch, quick) for batch in BATCHES]

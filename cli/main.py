@@ -158,6 +158,8 @@ def _format_bytes(count):
 @click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
               help="One exponent per layer, or one shared by all layers.")
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
+@click.option("--fast-activations", is_flag=True,
+              help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
 @click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
@@ -165,7 +167,7 @@ def _format_bytes(count):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
-            quantize_first_last, version, output_format, overwrite, as_json):
+            quantize_first_last, fast_activations, version, output_format, overwrite, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
@@ -196,6 +198,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         calibration_data=calibration,
         scope=scope,
         quantize_first_last=quantize_first_last,
+        fast_activations=fast_activations,
         progress=progress,
     )
     progress.message(f"Exporting version {version} to {out}")

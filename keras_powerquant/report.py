@@ -198,5 +198,5 @@ def _fmt_ratio(ratio):
 
 
 def _options_line(options):
-    keys = ("method", "wbits", "abits", "scope", "calibrated")
+    keys = ("method", "wbits", "abits", "scope", "fast_activations", "calibrated")
     return ", ".join(f"{k}={options[k]}" for k in keys if k in options)

@@ -288,6 +288,15 @@ def test_scope_network_shares_one_exponent(small_export, small, tmp_path):
     assert len({a["exponent"] for a in report["activations"] if a["status"] == "quantized"}) == 1
 
 
+def test_fast_activations_flag(small, tmp_path):
+    out = tmp_path / "out"
+    _convert_ok(small[1]["keras"], "-o", out, "--fast-activations")
+    report = _report(out)["report"]
+    assert report["options"]["fast_activations"] is True
+    exponents = {a["exponent"] for a in report["activations"] if a["status"] == "quantized"}
+    assert exponents and exponents <= {0.25, 0.5, 1.0}
+
+
 # ---------------------------------------------------------------------------
 # The real ResNet-8.
 

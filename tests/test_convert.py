@@ -327,6 +327,25 @@ def test_first_and_last_layers(converted):
         assert multi.layer(name).position == "first" and multi.layer(name).weight_bits == 8
 
 
+def test_fast_activations_use_square_root_exponents_only(converted, originals):
+    from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
+
+    model, report = converted("activations", 4, 4, fast_activations=True)
+    _, fitted = converted("activations", 4, 4)
+    exponents = [a.exponent for a in report.activations if a.status == "quantized"]
+    assert exponents and set(exponents) <= set(FAST_ACTIVATION_EXPONENTS)
+    assert report.options["fast_activations"] is True
+    # Weight exponents are still fitted on the whole interval.
+    assert [layer.exponent for layer in report.quantized_layers] == [
+        layer.exponent for layer in fitted.quantized_layers
+    ]
+    for act in report.activations:
+        if act.status == "quantized":
+            assert act.error <= act.uniform_error * (1 + 1e-9)
+    inputs = M.reference_inputs(originals["activations"].model)
+    assert np.all(np.isfinite(M.predict(model, inputs)))
+
+
 def test_report_round_trips_through_json(converted):
     _, report = converted("unsupported", 4, 4)
     data = json.loads(report.to_json())

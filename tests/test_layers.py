@@ -556,13 +556,25 @@ def op_types(layer, spec):
 
 
 @pytest.mark.parametrize("case", range(len(ACTIVATION_CASES)))
-@pytest.mark.parametrize("exponent", [0.62, 1.0])
+@pytest.mark.parametrize("exponent", [0.62, 1.0, 0.5, 0.25])
 def test_activation_graph_quantizes_with_fakequant_and_no_pow(case, exponent):
     layer = PowerQuantActivation(bits=4, exponent=exponent, **ACTIVATION_CASES[case])
     types = op_types(layer, tf.TensorSpec([None, 4, 4, 3], tf.float32))
     assert "FakeQuantWithMinMaxArgs" in types
     assert not any("Pow" in t for t in types), types
-    assert ("Exp" in types) == (exponent != 1.0)
+    # exp/log only for general exponents; square roots and squares for 1/2^k.
+    assert ("Exp" in types) == (exponent == 0.62)
+    assert ("Sqrt" in types and "Square" in types) == (exponent in (0.5, 0.25))
+
+
+@pytest.mark.parametrize("exponent", [0.5, 0.25, 0.125])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_square_root_exponents_match_the_reference(exponent, bits, signed):
+    quantizer = ActivationQuantizer(bits, exponent, 3.0, signed)
+    layer = PowerQuantActivation("linear" if signed else "relu", bits, exponent, 3.0, signed)
+    x = activation_inputs(quantizer, np.random.default_rng(bits))
+    assert_matches_reference(layer(x).numpy()[0], keras_activation(layer, x)[0], quantizer)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import special
 
+from keras_powerquant.quantization import search
 from keras_powerquant.quantization.activations import ActivationQuantizer
 from keras_powerquant.quantization.search import ActivationErrorModel
 from keras_powerquant.quantization.search import SortedMagnitudes
@@ -369,3 +370,15 @@ def test_search_rejects_bits_outside_2_to_8(bits):
         fit_weight_exponent(np.ones(10, np.float32), bits, channel_ndim=0)
     with pytest.raises(ValueError):
         fit_activation(np.ones(10), bits, signed=False)
+
+
+def test_fit_with_choices_picks_the_best_listed_exponent():
+    rng = np.random.default_rng(5)
+    samples = np.maximum(rng.normal(0.2, 1.0, 20000), 0.0)
+    model = search.ActivationErrorModel(samples, 4, signed=False)
+    (fit,) = search.fit_activation_models([model], choices=search.FAST_ACTIVATION_EXPONENTS)
+    assert fit.exponent in search.FAST_ACTIVATION_EXPONENTS
+    errors = {a: model.best_clip(a)[1] for a in search.FAST_ACTIVATION_EXPONENTS}
+    assert fit.error == pytest.approx(min(errors.values()))
+    (free,) = search.fit_activation_models([model])
+    assert free.error <= fit.error <= fit.uniform_error

@@ -20,6 +20,7 @@ from keras_powerquant.loading import check_convertible
 from keras_powerquant.loading import load_model_with_notes
 from keras_powerquant.quantization.search import ActivationErrorModel
 from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
+from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
 from keras_powerquant.quantization.search import fit_activation_models
 from keras_powerquant.quantization.search import fit_shared_weight_exponent
 from keras_powerquant.quantization.search import minimize_exponent
@@ -92,7 +93,7 @@ def _fit_weights(plan, method, scope, per_channel, p, bounds, step):
         layer_plan.fit = fit
 
 
-def _fit_activations(plan, samples, rules, method, scope, p, bounds, step):
+def _fit_activations(plan, samples, rules, method, scope, p, bounds, fast, step):
     fittable = []
     for quantizer in plan.quantizers.values():
         values = samples.get(quantizer.key)
@@ -107,7 +108,11 @@ def _fit_activations(plan, samples, rules, method, scope, p, bounds, step):
         fittable.append((quantizer, ActivationErrorModel(values, quantizer.bits, quantizer.signed, p)))
     exponent = 1.0 if method == "uniform" else None
     fits = fit_activation_models(
-        [model for _, model in fittable], bounds, exponent=exponent, shared=scope == "network"
+        [model for _, model in fittable],
+        bounds,
+        exponent=exponent,
+        shared=scope == "network",
+        choices=FAST_ACTIVATION_EXPONENTS if fast else None,
     )
     for i, ((quantizer, _), fit) in enumerate(zip(fittable, fits)):
         quantizer.fit = fit
@@ -137,6 +142,7 @@ def convert(
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     quantize_first_last=False,
     first_last_bits=8,
+    fast_activations=False,
     calibration_batch_size=DEFAULT_BATCH_SIZE,
     calibration_steps=None,
     progress=None,
@@ -171,6 +177,11 @@ def convert(
         quantize_first_last: quantize the first and last quantized layers
             at `wbits`/`abits` rather than `first_last_bits`.
         first_last_bits: bit width of the first and last layers otherwise.
+        fast_activations: choose each activation exponent among 1, 1/2 and
+            1/4 instead of the whole interval. Those powers are square roots
+            and squares, so quantized activations cost about as much as
+            uniform ones at inference instead of two exp/log pairs; weight
+            exponents are fitted as usual.
         calibration_batch_size: batch size for in-memory calibration arrays.
         calibration_steps: use at most this many calibration batches.
         progress: optional callback `progress(stage, done, total)`.
@@ -218,7 +229,9 @@ def convert(
     _fit_weights(plan, method, scope, per_channel, p, exponent_bounds, report_progress("weights"))
     seconds["weights"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    _fit_activations(plan, samples, rules, method, scope, p, exponent_bounds, report_progress("activations"))
+    _fit_activations(
+        plan, samples, rules, method, scope, p, exponent_bounds, fast_activations, report_progress("activations")
+    )
     seconds["activations"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -237,6 +250,7 @@ def convert(
         "exponent_bounds": list(exponent_bounds),
         "quantize_first_last": quantize_first_last,
         "first_last_bits": first_last_bits,
+        "fast_activations": fast_activations,
         "calibrated": calibration_data is not None,
     }
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]

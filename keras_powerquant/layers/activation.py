@@ -6,6 +6,19 @@ import tensorflow as tf
 from keras_powerquant.quantization.activations import ActivationQuantizer
 
 
+# Exponents 1/2, 1/4, 1/8 are computed with square roots and squares, which
+# Grappler fuses with the ReLU into one pass: as cheap as uniform quantization.
+_MAX_ROOTS = 3
+
+
+def _square_roots(exponent):
+    """k when `exponent == 1 / 2**k` for 1 <= k <= 3, else None."""
+    for roots in range(1, _MAX_ROOTS + 1):
+        if exponent == 0.5**roots:
+            return roots
+    return None
+
+
 def _uniform_magnitudes(values, top, levels):
     """Quantizes values in `[0, top]` to `levels + 1` uniform levels (ties up).
 
@@ -33,10 +46,12 @@ class PowerQuantActivation(keras.layers.Layer):
     `[0, c^a]`, so the layer computes `u = exp(a log x)`, applies
     TensorFlow's uniform `FakeQuantWithMinMaxArgs` (which clips and rounds
     ties up, like `ActivationQuantizer`) and maps back with
-    `exp(log(u) / a)`. At `a = 1` it is one FakeQuant op. On CPU this is 4 to
-    8 times faster than bucketizing against the thresholds and gathering
-    the levels (see benchmarks/), and every op has a GPU kernel. Outputs
-    equal the numpy reference up to float32 rounding of `exp`/`log` (a few
+    `exp(log(u) / a)`. At `a = 1` it is one FakeQuant op, and at
+    `a = 1/2, 1/4, 1/8` square roots and squares replace `exp`/`log`, which
+    makes it as cheap as uniform quantization. On CPU the `exp`/`log` form
+    is 3 to 5 times faster than bucketizing against the thresholds and
+    gathering the levels (see benchmarks/RESULTS.md), and every op has a GPU
+    kernel. Outputs equal the numpy reference up to float32 rounding (a few
     ulps); an input within such a rounding error of a decision threshold can
     take the neighbouring code.
 
@@ -119,11 +134,21 @@ class PowerQuantActivation(keras.layers.Layer):
                 values, min=0.0, max=clip, num_bits=quantizer.bits
             )
         sign = tf.sign(values) if quantizer.signed else None
-        # log needs x >= 0: magnitudes for signed codes, negatives to 0 otherwise.
+        # The power needs x >= 0: magnitudes for signed codes, negatives to 0 otherwise.
         magnitudes = tf.abs(values) if quantizer.signed else tf.nn.relu(values)
-        powered = tf.exp(tf.math.log(magnitudes) * a)
-        quantized = _uniform_magnitudes(powered, float(clip**a), levels)
-        decoded = tf.exp(tf.math.log(quantized) * (1.0 / a))
+        roots = _square_roots(a)
+        if roots is None:
+            powered = tf.exp(tf.math.log(magnitudes) * a)
+        else:
+            powered = magnitudes
+            for _ in range(roots):
+                powered = tf.sqrt(powered)
+        decoded = _uniform_magnitudes(powered, float(clip**a), levels)
+        if roots is None:
+            decoded = tf.exp(tf.math.log(decoded) * (1.0 / a))
+        else:
+            for _ in range(roots):
+                decoded = tf.square(decoded)
         return decoded * sign if quantizer.signed else decoded
 
     def compute_output_shape(self, input_shape):

@@ -24,6 +24,9 @@ from keras_powerquant.quantization.validation import check_bits
 from keras_powerquant.quantization.weights import channel_scales
 
 DEFAULT_EXPONENT_BOUNDS = (0.1, 2.0)
+# Activation exponents whose power and inverse are square roots and squares
+# (cheap at inference, see PowerQuantActivation); `a = 1` is uniform.
+FAST_ACTIVATION_EXPONENTS = (0.25, 0.5, 1.0)
 # Coarse grid evaluated before the bracketing search, so that a step-like
 # error curve (small tensors) cannot trap the search in a poor local minimum.
 _GRID_POINTS = 17
@@ -283,26 +286,45 @@ def fit_activation(samples, bits, signed, p=2.0, bounds=DEFAULT_EXPONENT_BOUNDS,
     return fit_activation_models([model], bounds, exponent, shared=False)[0]
 
 
-def fit_activation_models(models, bounds=DEFAULT_EXPONENT_BOUNDS, exponent=None, shared=False):
+def _best_choice(error_fn, choices):
+    errors = [error_fn(a) for a in choices]
+    return choices[int(np.argmin(errors))]
+
+
+def fit_activation_models(
+    models, bounds=DEFAULT_EXPONENT_BOUNDS, exponent=None, shared=False, choices=None
+):
     """Fits several activation quantizers; `shared` gives them one exponent.
 
     Each model keeps its own clip value. With `shared=True` (scope
     `network`) the exponent minimises the summed error of all models, each
     at its best clip.
 
+    Args:
+        models: `ActivationErrorModel`s.
+        bounds: the exponent search interval.
+        exponent: fix the exponent of every model (e.g. 1.0 for uniform).
+        shared: one exponent for all models (scope `network`).
+        choices: search only these exponents (e.g.
+            `FAST_ACTIVATION_EXPONENTS`) instead of the interval.
+
     Returns:
         A list of `ActivationFit`, one per model.
     """
     uniform = [m.best_clip(1.0) for m in models]
+
+    def fit(error_fn):
+        if choices is not None:
+            return _best_choice(error_fn, tuple(float(c) for c in choices))
+        return minimize_exponent(error_fn, bounds)[0]
+
     if exponent is not None:
         exponents = [float(exponent)] * len(models)
     elif shared:
-        shared_exponent, _ = minimize_exponent(
-            lambda a: sum(m.best_clip(a)[1] for m in models), bounds
-        )
+        shared_exponent = fit(lambda a: sum(m.best_clip(a)[1] for m in models))
         exponents = [shared_exponent] * len(models)
     else:
-        exponents = [minimize_exponent(lambda a, m=m: m.best_clip(a)[1], bounds)[0] for m in models]
+        exponents = [fit(lambda a, m=m: m.best_clip(a)[1]) for m in models]
     fits = []
     for model, a, (uniform_clip, uniform_error) in zip(models, exponents, uniform):
         clip, error = model.best_clip(a)
