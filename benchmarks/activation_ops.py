@@ -2,7 +2,7 @@
 
 What is measured: the wall time of one call of a compiled `tf.function` on
 a fixed (16, 32, 32, 16) float32 tensor (normal pre-activations), on CPU,
-at 4 and 8 bits, for four implementations of `y = relu` followed by
+at 4 and 8 bits, for five implementations of `y = relu` followed by
 activation quantization with exponent `a` and clip `c`:
 
 - `bucketize+gather`: METHOD section 2's formulation, `Bucketize` of `x`
@@ -11,13 +11,15 @@ activation quantization with exponent `a` and clip `c`:
 - `power-domain chain`: `PowerQuantActivation`'s own call, relu,
   `exp(a log x)`, `FakeQuantWithMinMaxArgs` on `[0, c^a]`,
   `exp(log(u) / a)`;
+- `square-root chain (a = 1/2)`: `PowerQuantActivation` with `a = 1/2`,
+  relu, sqrt, FakeQuant, square (the form `fast_activations` uses);
 - `fakequant (a = 1)`: `PowerQuantActivation` with `a = 1`, one
   `FakeQuantWithMinMaxArgs` (uniform quantization);
 - `relu`: the float activation alone.
 
 Calls are interleaved (rotating order); the median of many calls is
-reported with the count. The two power quantizers are also compared with
-the numpy reference `ActivationQuantizer.quantize`: the fraction of elements
+reported with the count. The power quantizers are also compared with
+the numpy reference `ActivationQuantizer.quantize` (of their own exponent): the fraction of elements
 quantized to another code (an input within float32 rounding of a threshold
 can take the neighbouring one) and the largest float difference elsewhere. This documents why the layer
 uses the power-domain chain.
@@ -40,11 +42,10 @@ ITERATIONS = {False: 500, True: 100}
 
 
 def _variants(bits):
+    """`(functions, references)`: each implementation, and the numpy quantizer it should match."""
     reference = ActivationQuantizer(bits, EXPONENT, CLIP)
     thresholds = [float(t) for t in reference.thresholds()]
     levels = tf.constant(reference.levels())
-    power_layer = PowerQuantActivation("relu", bits, EXPONENT, CLIP)
-    uniform_layer = PowerQuantActivation("relu", bits, 1.0, CLIP)
     spec = [tf.TensorSpec(SHAPE, tf.float32)]
 
     def bucketize(x):
@@ -52,11 +53,17 @@ def _variants(bits):
 
     functions = {
         "bucketize+gather": bucketize,
-        "power-domain chain": power_layer,
-        "fakequant (a = 1)": uniform_layer,
+        "power-domain chain": PowerQuantActivation("relu", bits, EXPONENT, CLIP),
+        "square-root chain (a = 1/2)": PowerQuantActivation("relu", bits, 0.5, CLIP),
+        "fakequant (a = 1)": PowerQuantActivation("relu", bits, 1.0, CLIP),
         "relu": tf.nn.relu,
     }
-    return {name: tf.function(fn, input_signature=spec) for name, fn in functions.items()}, reference
+    references = {
+        "bucketize+gather": reference,
+        "power-domain chain": reference,
+        "square-root chain (a = 1/2)": ActivationQuantizer(bits, 0.5, CLIP),
+    }
+    return {name: tf.function(fn, input_signature=spec) for name, fn in functions.items()}, references
 
 
 def _agreement(outputs, x, reference):
@@ -79,10 +86,10 @@ def run(quick=False):
     inputs = tf.constant(x)
     entries = []
     for bits in BITS:
-        functions, reference = _variants(bits)
+        functions, references = _variants(bits)
         agreement = {
             name: _agreement(functions[name](inputs).numpy(), x, reference)
-            for name in ("bucketize+gather", "power-domain chain")
+            for name, reference in references.items()
         }
         times = common.interleaved_timings(
             {name: (lambda f=f: f(inputs)) for name, f in functions.items()}, ITERATIONS[quick], warmup=10
@@ -113,7 +120,7 @@ def plot(result, folder):
     """Bars of median time per implementation and bit width; returns the PNG paths."""
     plt = common.pyplot()
     names = list(result["entries"][0]["times"])
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     width = 0.8 / len(result["entries"])
     for i, entry in enumerate(result["entries"]):
         values = [entry["times"][name]["median_ms"] for name in names]
