@@ -135,8 +135,15 @@ class PowerQuantActivation(keras.layers.Layer):
             )
         sign = tf.sign(values) if quantizer.signed else None
         # The power needs x >= 0: magnitudes for signed codes, negatives to 0 otherwise.
-        magnitudes = tf.abs(values) if quantizer.signed else tf.nn.relu(values)
         roots = _square_roots(a)
+        if quantizer.signed:
+            magnitudes = tf.abs(values)
+        elif roots is None:
+            # Not tf.nn.relu: Grappler composes Relu+Log after an Add into one
+            # op and its remapper then fails with an error in the serving log.
+            magnitudes = tf.maximum(values, 0.0)
+        else:
+            magnitudes = tf.nn.relu(values)  # fused with the Sqrt that follows
         if roots is None:
             powered = tf.exp(tf.math.log(magnitudes) * a)
         else:
