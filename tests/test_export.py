@@ -107,6 +107,50 @@ def test_every_serving_op_has_a_gpu_kernel(resnet8_export):
     assert nodes_without_gpu_kernel(nodes) == []
 
 
+def test_every_activation_form_has_gpu_kernels(tmp_path):
+    """Signed and unsigned quantizers with exp/log, square roots and a = 1, exported."""
+    import keras
+
+    from keras_powerquant.layers import PowerQuantActivation
+
+    inputs = keras.Input((6,), name="features")
+    h = inputs
+    for activation, exponent, signed in [
+        ("linear", 0.62, True),  # Sign, Abs, Log, Exp
+        ("linear", 0.5, True),  # Sign, Abs, Sqrt, Square
+        ("relu", 0.7, False),  # Maximum, Log, Exp
+        ("relu", 0.25, False),  # Relu, Sqrt, Square
+        ("sigmoid", 1.0, False),  # Sigmoid, FakeQuant
+        ("tanh", 1.0, True),  # Tanh, narrow-range FakeQuant
+    ]:
+        h = PowerQuantActivation(activation, 4, exponent, 2.0, signed)(h)
+    model = keras.Model(inputs, h)
+    nodes = serving_nodes(export_model(model, tmp_path, 1).saved_model_dir)
+    ops = {node.op for node in nodes}
+    assert {"Sign", "Abs", "Log", "Exp", "Sqrt", "Square", "Maximum", "FakeQuantWithMinMaxArgs"} <= ops
+    assert nodes_without_gpu_kernel(nodes) == []
+
+
+def test_converted_model_with_signed_inputs_has_gpu_kernels(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3), name="image")
+    h = keras.layers.Conv2D(8, 3, activation="tanh", name="conv_tanh")(inputs)
+    h = keras.layers.Conv2D(8, 3, name="conv_mid")(h)  # signed input (after tanh)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU(name="relu")(h)
+    h = keras.layers.Conv2D(8, 3, name="conv_relu")(h)  # unsigned input
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    calibration = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
+    quantized, report = kpq.convert(model, 4, 4, calibration_data=calibration, quantize_first_last=True)
+    assert any(a.signed for a in report.activations) and any(not a.signed for a in report.activations)
+    nodes = serving_nodes(export_model(quantized, tmp_path, 1).saved_model_dir)
+    assert {"Sign", "Abs"} <= {node.op for node in nodes}
+    assert nodes_without_gpu_kernel(nodes) == []
+
+
 def test_gpu_kernel_check_flags_cpu_only_ops(tmp_path):
     # A control: AsString has no GPU kernel, so the check must report it.
     module = tf.Module()
