@@ -55,19 +55,15 @@ def _handle_errors(command):
 class _Progress:
     """Stage-by-stage progress on stderr, one line per stage when not a terminal."""
 
-    def __init__(self, enabled=True):
-        self.enabled = enabled
+    def __init__(self):
         self.interactive = sys.stderr.isatty()
         self._stage = None
 
     def message(self, text):
-        if self.enabled:
-            self._end_line()
-            click.echo(text, err=True)
+        self._end_line()
+        click.echo(text, err=True)
 
     def __call__(self, stage, done, total):
-        if not self.enabled:
-            return
         if stage != self._stage:
             self._end_line()
             self._stage = stage

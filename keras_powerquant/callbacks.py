@@ -4,10 +4,9 @@ import keras
 import numpy as np
 
 from keras_powerquant.converter import convert
-from keras_powerquant.converter.convert import METHODS
+from keras_powerquant.converter.convert import check_options
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
-from keras_powerquant.quantization.validation import check_bits
 
 
 class PowerQuantExport(keras.callbacks.Callback):
@@ -49,10 +48,8 @@ class PowerQuantExport(keras.callbacks.Callback):
     ):
         super().__init__()
         # Checked now: a typo found when training ends would cost the whole run.
-        check_bits(wbits, "wbits")
-        check_bits(abits, "abits")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+        checked = ("scope", "p", "exponent_bounds", "first_last_bits")
+        check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
         if mode not in ("auto", "min", "max"):

@@ -66,6 +66,15 @@ SMALL_FLOAT = {"sep_b": "SeparableConv2D"}
 SMALL_KEPT_BN = {"bn_b": "relu_b"}
 
 
+def save_small_model(folder):
+    """`(model, {"keras": path, "h5": path})`: the small model saved both ways in `folder`."""
+    model = build_small_model()
+    paths = {"keras": folder / "small.keras", "h5": folder / "small.h5"}
+    model.save(paths["keras"])
+    model.save(paths["h5"])
+    return model, paths
+
+
 def random_images(count, seed=1):
     """uint8 images of the small model's input shape."""
     return np.random.default_rng(seed).integers(0, 256, (count,) + INPUT_SHAPE, dtype=np.uint8)

@@ -13,6 +13,7 @@ import pytest
 
 from tests.cli_helpers import assert_one_line_error
 from tests.cli_helpers import build_small_model
+from tests.cli_helpers import save_small_model
 from tests.cli_helpers import INPUT_SHAPE
 from tests.cli_helpers import invoke
 from tests.cli_helpers import kpq_stderr_lines
@@ -34,12 +35,7 @@ DTYPE_MESSAGE = f"expected a numeric array of shape {EXPECTED_SHAPE}"
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("small")
-    model = build_small_model()
-    paths = {"keras": folder / "small.keras", "h5": folder / "small.h5"}
-    model.save(paths["keras"])
-    model.save(paths["h5"])
-    return model, paths
+    return save_small_model(tmp_path_factory.mktemp("small"))
 
 
 @pytest.fixture

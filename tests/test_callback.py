@@ -167,7 +167,15 @@ def test_formats_both_writes_a_keras_file_matching_the_savedmodel(data, tmp_path
 
 @pytest.mark.parametrize(
     "options",
-    [dict(wbits=9), dict(abits=1), dict(method="nonuniform"), dict(formats="onnx"), dict(mode="best")],
+    [
+        dict(wbits=9),
+        dict(abits=1),
+        dict(method="nonuniform"),
+        dict(formats="onnx"),
+        dict(mode="best"),
+        dict(scope="channel"),
+        dict(exponent_bounds=(2.0, 0.5)),
+    ],
 )
 def test_bad_options_fail_before_training(tmp_path, options):
     with pytest.raises(ValueError):

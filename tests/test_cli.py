@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from tests.cli_helpers import assert_one_line_error
-from tests.cli_helpers import build_small_model
 from tests.cli_helpers import invoke
 from tests.cli_helpers import kpq_stderr_lines
 from tests.cli_helpers import random_images
+from tests.cli_helpers import save_small_model
 from tests.cli_helpers import run_kpq
 from tests.cli_helpers import sha256
 from tests.cli_helpers import SMALL_FLOAT
@@ -38,12 +38,7 @@ SCALE = 1 / 255
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("small")
-    model = build_small_model()
-    paths = {"keras": folder / "small.keras", "h5": folder / "small.h5"}
-    model.save(paths["keras"])
-    model.save(paths["h5"])
-    return model, paths
+    return save_small_model(tmp_path_factory.mktemp("small"))
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,16 @@ def _check_finite(model):
                 )
 
 
-def _check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits):
+def check_options(
+    wbits,
+    abits,
+    method="powerquant",
+    scope="layer",
+    p=2.0,
+    exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
+    first_last_bits=8,
+):
+    """Raises ValueError for `convert` options it would reject, before any work."""
     check_bits(wbits, "wbits")
     check_bits(abits, "abits")
     check_bits(first_last_bits, "first_last_bits")
@@ -197,7 +206,7 @@ def convert(
         CalibrationDataError: calibration data that does not fit the model.
         ValueError: invalid options.
     """
-    _check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits)
+    check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits)
     seconds = {}
     started = time.perf_counter()
 
@@ -269,7 +278,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         model: a Functional or Sequential `keras.Model`, or a model file path.
         wbits, abits, quantize_first_last, first_last_bits: as in `convert`.
     """
-    _check_options(wbits, abits, "powerquant", "layer", 2.0, DEFAULT_EXPONENT_BOUNDS, first_last_bits)
+    check_options(wbits, abits, first_last_bits=first_last_bits)
     model, notes = _resolve_model(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
