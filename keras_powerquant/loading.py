@@ -129,6 +129,21 @@ def load_model(path):
     return model
 
 
+def has_layer_graph(model):
+    """Whether `model` computes exactly its layer graph.
+
+    True for Functional and Sequential models that keep Keras' own `call`;
+    False for subclassed models, including Functional or Sequential
+    subclasses that override `call` (their computation is Python code).
+    """
+    from keras.src.models.functional import Functional
+
+    for base in (keras.Sequential, Functional):
+        if isinstance(model, base):
+            return type(model).call is base.call
+    return False
+
+
 def check_convertible(model):
     """Checks that a model's layer graph is known, so it can be converted.
 
@@ -152,10 +167,10 @@ def check_convertible(model):
             f"Expected a keras.Model, got {type(model).__name__}; load the "
             "model first, e.g. with keras_powerquant.loading.load_model(path)."
         )
+    if not has_layer_graph(model):
+        raise UnsupportedModelError(_subclassed_message(model))
     name = getattr(model, "name", "?")
     if isinstance(model, keras.Sequential):
-        if type(model).call is not keras.Sequential.call:
-            raise UnsupportedModelError(_subclassed_message(model))
         if not model.layers:
             raise UnsupportedModelError(
                 f"Sequential model '{name}' has no layers; add layers to it "
@@ -170,14 +185,6 @@ def check_convertible(model):
                 "its first layer, or call it once on a batch of data, before "
                 "converting."
             ) from None
-        return
-    from keras.src.models.functional import Functional as functional_cls
-
-    if isinstance(model, functional_cls):
-        if type(model).call is not functional_cls.call:
-            raise UnsupportedModelError(_subclassed_message(model))
-        return
-    raise UnsupportedModelError(_subclassed_message(model))
 
 
 def _subclassed_message(model):

@@ -213,3 +213,24 @@ def test_vww_mobilenet_folds_every_batch_norm(vww_model):
     assert into == {"Conv2D", "DepthwiseConv2D"}
     diff = _max_abs_diff(M.predict(vww_model, x), M.predict(folded, x))
     assert diff < TOLERANCE, f"VWW folded differs by {diff}"
+
+
+class _DoublingBlock(keras.Model):
+    """A Functional model whose overridden `call` doubles what its graph computes."""
+
+    def call(self, inputs, training=None):
+        return 2.0 * super().call(inputs, training=training)
+
+
+def test_nested_model_with_custom_call_stays_opaque():
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((4,))
+    block = _DoublingBlock(inner_in, L.Dense(3, name="inner_dense")(inner_in), name="doubling")
+    outer_in = keras.Input((4,))
+    outputs = L.Dense(2, name="head")(block(outer_in))
+    model = keras.Model(outer_in, outputs)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    folded, _ = fold_batch_norms(model)
+    # Expanded inline, the doubling in `call` would be lost.
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert "inner_dense" not in [layer.name for layer in folded.layers]

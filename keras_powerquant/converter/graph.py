@@ -15,35 +15,23 @@ import dataclasses
 
 import keras
 
-from keras_powerquant.errors import UnsupportedModelError
+from keras_powerquant.loading import has_layer_graph
 
 
 def functional_of(model):
-    """The Functional graph behind a Functional or (built) Sequential model."""
-    if isinstance(model, keras.Sequential):
-        graph = getattr(model, "_functional", None)
-        if graph is None:
-            raise UnsupportedModelError(
-                f"Sequential model '{model.name}' has no defined input shape: start it "
-                "with keras.Input(shape=...) or call it on data before converting."
-            )
-        return graph
-    if _is_functional(model):
-        return model
-    raise UnsupportedModelError(
-        f"'{getattr(model, 'name', model)}' ({type(model).__name__}) is a subclassed model: "
-        "its layer graph cannot be inspected. Rebuild it as a Functional or Sequential "
-        "model (same layers, same weights) and convert that."
-    )
+    """The Functional graph behind a Functional or built Sequential model.
 
-
-def _is_functional(model):
-    return isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth")
+    The model must pass `keras_powerquant.loading.check_convertible`.
+    """
+    return model._functional if isinstance(model, keras.Sequential) else model
 
 
 def is_graph_model(layer):
-    """Whether a layer is a nested model that gets expanded inline."""
-    return isinstance(layer, keras.Sequential) or _is_functional(layer)
+    """Whether a layer is a nested model that gets expanded inline.
+
+    A nested model that overrides `call` stays one opaque layer.
+    """
+    return has_layer_graph(layer)
 
 
 @dataclasses.dataclass(eq=False)
@@ -81,6 +69,8 @@ class Op:
 
 class FlatGraph:
     """The leaf-layer DAG of a model, nested models expanded.
+
+    The model must pass `keras_powerquant.loading.check_convertible`.
 
     Attributes:
         model: the original model.
