@@ -156,6 +156,8 @@ def _format_bytes(count):
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
 @click.option("--fast-activations", is_flag=True,
               help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
+@click.option("--weight-clipping/--no-weight-clipping", default=None,
+              help="Fit a weight clip fraction per layer jointly with its exponent [default: as kpq.convert].")
 @click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
@@ -163,7 +165,8 @@ def _format_bytes(count):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
-            quantize_first_last, fast_activations, version, output_format, overwrite, as_json):
+            quantize_first_last, fast_activations, weight_clipping, version, output_format, overwrite,
+            as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
@@ -186,6 +189,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
     mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
+    defaults = {"weight_clipping": weight_clipping}
     quantized, report = kpq.convert(
         original,
         wbits,
@@ -196,6 +200,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         quantize_first_last=quantize_first_last,
         fast_activations=fast_activations,
         progress=progress,
+        **{k: v for k, v in defaults.items() if v is not None},
     )
     progress.message(f"Exporting version {version} to {out}")
     result = export_model(

@@ -19,7 +19,9 @@ class LayerReport:
         position: "first", "last", "first+last" or None.
         exponent: fitted kernel exponent `a*`.
         error: kernel reconstruction error `sum |W - W_hat|^p` at `a*`.
-        uniform_error: the same at `a = 1`.
+        uniform_error: the same at `a = 1` without clipping.
+        weight_clip: the fitted clip fraction `alpha` (scales are
+            `alpha max |W|` per channel; 1 = no clipping).
         input_quantizer: name of the quantizer of its input, if any.
         input_bits: bit width of its input, None if the input stays float.
         folded_batch_norm: name of the BatchNorm folded into it.
@@ -35,6 +37,7 @@ class LayerReport:
     exponent: Optional[float] = None
     error: Optional[float] = None
     uniform_error: Optional[float] = None
+    weight_clip: Optional[float] = None
     input_quantizer: Optional[str] = None
     input_bits: Optional[int] = None
     folded_batch_norm: Optional[str] = None
@@ -138,7 +141,9 @@ class ConversionReport:
     def summary(self):
         """A readable multi-line table of the conversion."""
         lines = [f"Model '{self.model_name}': {_options_line(self.options)}", ""]
-        header = f"{'layer':<28} {'kind':<22} {'bits':>4} {'exponent':>8} {'err/uniform':>11}  input"
+        header = (
+            f"{'layer':<28} {'kind':<22} {'bits':>4} {'exponent':>8} {'clip':>5} {'err/uniform':>11}  input"
+        )
         lines += [header, "-" * len(header)]
         for layer in self.layers:
             if layer.status == "quantized":
@@ -146,12 +151,13 @@ class ConversionReport:
                 input_desc = f"{layer.input_bits}-bit" if layer.input_bits else "float"
                 lines.append(
                     f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {layer.weight_bits:>4} "
-                    f"{_fmt_number(layer.exponent, '.3f'):>8} {_fmt_ratio(ratio):>11}  {input_desc}"
+                    f"{_fmt_number(layer.exponent, '.3f'):>8} {_fmt_number(layer.weight_clip, '.3f'):>5} "
+                    f"{_fmt_ratio(ratio):>11}  {input_desc}"
                     + (f" ({layer.position})" if layer.position else "")
                 )
             else:
                 lines.append(
-                    f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {'-':>4} {'-':>8} "
+                    f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {'-':>4} {'-':>8} {'-':>5} "
                     f"{'-':>11}  float: {layer.reason}"
                 )
         if self.activations:
@@ -198,5 +204,5 @@ def _fmt_ratio(ratio):
 
 
 def _options_line(options):
-    keys = ("method", "wbits", "abits", "scope", "fast_activations", "calibrated")
+    keys = ("method", "wbits", "abits", "scope", "fast_activations", "weight_clipping", "calibrated")
     return ", ".join(f"{k}={options[k]}" for k in keys if k in options)

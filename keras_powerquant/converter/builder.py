@@ -82,6 +82,8 @@ class ModelBuilder:
         self.names = _Names()
         self.new_layers = {}
         self.input_quantizers = {}
+        # id(original layer) -> its PowerQuant layer in the built model.
+        self.quantized_layers = {}
         self.reused = []
 
     def build(self):
@@ -145,7 +147,8 @@ class ModelBuilder:
         activation = None if split else keras.activations.serialize(op.layer.activation)
         new = _quantized_layer(plan, self.names(op.layer.name), activation, self.per_channel)
         outputs = new(inputs)
-        new.set_float_weights(plan.kernel, plan.bias)
+        new.set_float_weights(plan.kernel, plan.bias, plan.fit.clip)
+        self.quantized_layers[id(op.layer)] = new
         if split:
             outputs = _activation_layer(output_quantizer, self.names(output_quantizer.name))(outputs)
         return outputs

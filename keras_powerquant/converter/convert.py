@@ -23,8 +23,7 @@ from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
 from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
 from keras_powerquant.quantization.search import fit_activation_models
 from keras_powerquant.quantization.search import fit_shared_weight_exponent
-from keras_powerquant.quantization.search import minimize_exponent
-from keras_powerquant.quantization.search import ExponentFit
+from keras_powerquant.quantization.search import fit_weight_model
 from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.validation import check_bits
 from keras_powerquant.report import ActivationReport
@@ -63,6 +62,7 @@ def check_options(
     p=2.0,
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     first_last_bits=8,
+    weight_clipping=False,
 ):
     """Raises ValueError for `convert` options it would reject, before any work."""
     check_bits(wbits, "wbits")
@@ -80,9 +80,11 @@ def check_options(
         raise ValueError(f"`exponent_bounds` must be a pair (low, high); got {exponent_bounds!r}.") from None
     if not 0 < low < high:
         raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high; got {exponent_bounds}.")
+    if not isinstance(weight_clipping, bool):
+        raise ValueError(f"`weight_clipping` must be True or False; got {weight_clipping!r}.")
 
 
-def _fit_weights(plan, method, scope, per_channel, p, bounds, step):
+def _fit_weights(plan, method, scope, per_channel, p, bounds, clip, step):
     layer_plans = list(plan.layers.values())
     models = []
     for i, layer_plan in enumerate(layer_plans):
@@ -90,14 +92,11 @@ def _fit_weights(plan, method, scope, per_channel, p, bounds, step):
         models.append(WeightErrorModel(layer_plan.kernel, layer_plan.weight_bits, channel_ndim, p))
         step(i + 1, len(layer_plans))
     if method == "uniform":
-        fits = [ExponentFit(1.0, m.error(1.0), m.error(1.0)) for m in models]
+        fits = [fit_weight_model(m, exponent=1.0, clip=clip) for m in models]
     elif scope == "network":
-        fits = fit_shared_weight_exponent(models, bounds)
+        fits = fit_shared_weight_exponent(models, bounds, clip=clip)
     else:
-        fits = []
-        for m in models:
-            exponent, error = minimize_exponent(m.error, bounds)
-            fits.append(ExponentFit(exponent, error, m.error(1.0)))
+        fits = [fit_weight_model(m, bounds, clip=clip) for m in models]
     for layer_plan, fit in zip(layer_plans, fits):
         layer_plan.fit = fit
 
@@ -152,6 +151,7 @@ def convert(
     quantize_first_last=False,
     first_last_bits=8,
     fast_activations=False,
+    weight_clipping=False,
     calibration_batch_size=DEFAULT_BATCH_SIZE,
     calibration_steps=None,
     progress=None,
@@ -191,6 +191,9 @@ def convert(
             and squares, so quantized activations cost about as much as
             uniform ones at inference instead of two exp/log pairs; weight
             exponents are fitted as usual.
+        weight_clipping: fit each layer's weight clip fraction `alpha` in
+            `[0.05, 1]` jointly with its exponent (METHOD 7.3): the scales
+            become `alpha max |W|` per channel, one `alpha` per layer.
         calibration_batch_size: batch size for in-memory calibration arrays.
         calibration_steps: use at most this many calibration batches.
         progress: optional callback `progress(stage, done, total)`.
@@ -206,7 +209,7 @@ def convert(
         CalibrationDataError: calibration data that does not fit the model.
         ValueError: invalid options.
     """
-    check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits)
+    check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits, weight_clipping)
     seconds = {}
     started = time.perf_counter()
 
@@ -235,7 +238,9 @@ def convert(
     seconds["statistics"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    _fit_weights(plan, method, scope, per_channel, p, exponent_bounds, report_progress("weights"))
+    _fit_weights(
+        plan, method, scope, per_channel, p, exponent_bounds, weight_clipping, report_progress("weights")
+    )
     seconds["weights"] = time.perf_counter() - mark
     mark = time.perf_counter()
     _fit_activations(
@@ -260,6 +265,7 @@ def convert(
         "quantize_first_last": quantize_first_last,
         "first_last_bits": first_last_bits,
         "fast_activations": fast_activations,
+        "weight_clipping": weight_clipping,
         "calibrated": calibration_data is not None,
     }
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
@@ -335,6 +341,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
                     exponent=layer_plan.fit.exponent if layer_plan.fit else None,
                     error=layer_plan.fit.error if layer_plan.fit else None,
                     uniform_error=layer_plan.fit.uniform_error if layer_plan.fit else None,
+                    weight_clip=layer_plan.fit.clip if layer_plan.fit else None,
                     input_quantizer=quantizer.name if quantizer.reason is None else None,
                     input_bits=quantizer.bits if quantizer.reason is None else None,
                     folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,

@@ -19,8 +19,9 @@ class QuantizedKernelLayer(keras.layers.Layer):
     - `kernel_codes`: int8. At `weight_bits <= 4` two codes share a byte
       (shape `(ceil(n / 2),)` for a kernel of `n` values); otherwise one code
       per byte, in the kernel's shape.
-    - `kernel_scale`: float32, `max |W|` per output channel (shape of the
-      kernel's trailing output-channel axes), or a scalar per tensor.
+    - `kernel_scale`: float32, `alpha max |W|` per output channel (shape of
+      the kernel's trailing output-channel axes), or a scalar per tensor;
+      `alpha` is the clip fraction given to `set_float_weights` (1 = no clip).
     - `bias`: float32 `(channels,)`, when `use_bias`.
 
     The kernel is decoded on each call with one gather from a table of the
@@ -94,13 +95,16 @@ class QuantizedKernelLayer(keras.layers.Layer):
         table = self.quantizer.decode_table()
         self._decode_table = nibble_pair_table(table) if self.packed else table
 
-    def set_float_weights(self, kernel, bias=None):
+    def set_float_weights(self, kernel, bias=None, clip=1.0):
         """Quantizes a float kernel into this (built) layer and sets the bias.
 
         Args:
             kernel: float array of the layer's kernel shape (the shape the
                 equivalent Keras layer's kernel has).
             bias: float array `(channels,)`; required iff `use_bias`.
+            clip: weight clip fraction `alpha` in `(0, 1]`, a scalar or one
+                per scale: the scales become `alpha max |W|` and larger
+                magnitudes take the largest code.
         """
         kernel = np.asarray(kernel, dtype=np.float32)
         if kernel.shape != self._kernel_shape:
@@ -109,7 +113,7 @@ class QuantizedKernelLayer(keras.layers.Layer):
                 f"got {kernel.shape}."
             )
         channel_ndim = self.channel_ndim if self.quantizer.per_channel else 0
-        codes, scales = self.quantizer.encode(kernel, channel_ndim)
+        codes, scales = self.quantizer.encode(kernel, channel_ndim, clip)
         self.kernel_codes.assign(pack_nibbles(codes) if self.packed else codes)
         self.kernel_scale.assign(scales)
         if self.use_bias:

@@ -32,6 +32,9 @@ FAST_ACTIVATION_EXPONENTS = (0.25, 0.5, 1.0)
 _GRID_POINTS = 17
 # Clip candidates span this fraction of the largest magnitude up to all of it.
 _MIN_CLIP_FRACTION = 1e-3
+# Weight clip fractions searched: below this a 2-bit kernel of a trained
+# layer loses more in its clipped tail than it gains in resolution.
+MIN_WEIGHT_CLIP = 0.05
 
 
 class SortedMagnitudes:
@@ -92,17 +95,21 @@ class SortedMagnitudes:
 
 @dataclasses.dataclass(frozen=True)
 class ExponentFit:
-    """Result of a weight exponent search.
+    """Result of a weight exponent (and clip) search.
 
     Attributes:
         exponent: the fitted exponent `a*`.
-        error: reconstruction error `sum |W - W_hat|^p` at `a*`.
-        uniform_error: the same error at `a = 1` (uniform quantization).
+        error: reconstruction error `sum |W - W_hat|^p` at `(a*, clip)`.
+        uniform_error: the same error at `a = 1`, clip 1 (uniform
+            quantization with max scaling).
+        clip: the fitted clip fraction `alpha*` of each channel's maximum
+            magnitude (METHOD section 7.3); 1 when clipping is off.
     """
 
     exponent: float
     error: float
     uniform_error: float
+    clip: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +132,11 @@ class ActivationFit:
 
 
 class WeightErrorModel:
-    """Reconstruction error of one weight tensor as a function of the exponent.
+    """Reconstruction error of one weight tensor as a function of (exponent, clip).
+
+    The clip fraction `alpha` scales every channel's scale `max |W|` alike
+    (one fraction per layer): magnitudes above `alpha max |W|` take the
+    largest level.
 
     Args:
         weights: the (BatchNorm-folded) weight tensor.
@@ -147,11 +158,18 @@ class WeightErrorModel:
         unit_weights = np.broadcast_to(scales.astype(np.float64) ** p, weights.shape)
         self.magnitudes = SortedMagnitudes(normalized, unit_weights, p=p)
 
-    def error(self, exponent):
+    def error(self, exponent, clip=1.0):
+        """`sum |W - W_hat|^p` at exponent `a` and clip fraction `alpha`."""
         return self.magnitudes.error(
-            magnitude_thresholds(self.max_code, exponent),
-            magnitude_levels(self.max_code, exponent),
+            magnitude_thresholds(self.max_code, exponent, clip),
+            magnitude_levels(self.max_code, exponent, clip),
         )
+
+    def best_clip(self, exponent, low=MIN_WEIGHT_CLIP):
+        """`(clip, error)` minimising the error for a fixed exponent; clip 1 on ties."""
+        clip, error = minimize_bounded(lambda c: self.error(exponent, c), low, 1.0)
+        unclipped = self.error(exponent, 1.0)
+        return (1.0, unclipped) if unclipped <= error else (clip, error)
 
 
 class ActivationErrorModel:
@@ -236,8 +254,10 @@ def minimize_exponent(error_fn, bounds=DEFAULT_EXPONENT_BOUNDS):
     return exponent, error
 
 
-def fit_weight_exponent(weights, bits, channel_ndim=1, p=2.0, bounds=DEFAULT_EXPONENT_BOUNDS):
-    """Fits the exponent of one weight tensor (scope `layer`).
+def fit_weight_exponent(
+    weights, bits, channel_ndim=1, p=2.0, bounds=DEFAULT_EXPONENT_BOUNDS, clip=False
+):
+    """Fits the exponent (and clip fraction) of one weight tensor (scope `layer`).
 
     Args:
         weights: the (BatchNorm-folded) weight tensor.
@@ -245,27 +265,70 @@ def fit_weight_exponent(weights, bits, channel_ndim=1, p=2.0, bounds=DEFAULT_EXP
         channel_ndim: trailing output-channel axes; 0 for a per-tensor scale.
         p: the error norm exponent.
         bounds: the search interval for the exponent.
+        clip: also fit the clip fraction `alpha` jointly (METHOD 7.3).
 
     Returns:
         An `ExponentFit`.
     """
-    model = WeightErrorModel(weights, bits, channel_ndim, p)
-    exponent, error = minimize_exponent(model.error, bounds)
-    return ExponentFit(exponent, error, model.error(1.0))
+    return fit_weight_model(WeightErrorModel(weights, bits, channel_ndim, p), bounds, clip=clip)
 
 
-def fit_shared_weight_exponent(models, bounds=DEFAULT_EXPONENT_BOUNDS):
+def fit_weight_model(model, bounds=DEFAULT_EXPONENT_BOUNDS, exponent=None, clip=False):
+    """Fits one `WeightErrorModel`: its exponent, and with `clip` its clip fraction.
+
+    With `clip`, the exponent minimises the error at each exponent's best
+    clip; the unclipped fit is kept when it is as good, so the fitted error
+    is never above the unclipped one (nor, `a = 1` being tried, above
+    uniform's).
+
+    Args:
+        model: a `WeightErrorModel`.
+        bounds: the exponent search interval.
+        exponent: fix the exponent (1.0 for uniform) instead of fitting it.
+        clip: fit the clip fraction `alpha` in `[MIN_WEIGHT_CLIP, 1]` too.
+
+    Returns:
+        An `ExponentFit`.
+    """
+    uniform_error = model.error(1.0)
+    if exponent is not None:
+        best = (float(exponent), model.error(exponent), 1.0)
+    else:
+        best = (*minimize_exponent(model.error, bounds), 1.0)
+    if clip:
+        if exponent is not None:
+            clipped_exponent = float(exponent)
+        else:
+            clipped_exponent, _ = minimize_exponent(lambda a: model.best_clip(a)[1], bounds)
+        fraction, error = model.best_clip(clipped_exponent)
+        if error < best[1]:
+            best = (clipped_exponent, error, fraction)
+    exponent, error, fraction = best
+    return ExponentFit(exponent, error, uniform_error, fraction)
+
+
+def fit_shared_weight_exponent(models, bounds=DEFAULT_EXPONENT_BOUNDS, clip=False):
     """Fits one exponent for several tensors on their summed error (scope `network`).
 
     Args:
         models: `WeightErrorModel`s, one per layer.
         bounds: the search interval for the exponent.
+        clip: also fit each tensor's own clip fraction; the shared exponent
+            then minimises the summed error at each tensor's best clip.
 
     Returns:
         A list of `ExponentFit`, one per model, sharing the same exponent.
     """
     exponent, _ = minimize_exponent(lambda a: sum(m.error(a) for m in models), bounds)
-    return [ExponentFit(exponent, m.error(exponent), m.error(1.0)) for m in models]
+    if clip:
+        clipped, _ = minimize_exponent(lambda a: sum(m.best_clip(a)[1] for m in models), bounds)
+        if sum(m.best_clip(clipped)[1] for m in models) < sum(m.error(exponent) for m in models):
+            exponent = clipped
+    fits = []
+    for m in models:
+        fraction, error = m.best_clip(exponent) if clip else (1.0, m.error(exponent))
+        fits.append(ExponentFit(exponent, error, m.error(1.0), fraction))
+    return fits
 
 
 def fit_activation(samples, bits, signed, p=2.0, bounds=DEFAULT_EXPONENT_BOUNDS, exponent=None):

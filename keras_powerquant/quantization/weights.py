@@ -8,6 +8,17 @@ from keras_powerquant.quantization.validation import check_bits
 from keras_powerquant.quantization.validation import check_exponent
 
 
+def check_clip(clip):
+    """Returns `clip` as a float64 array (a scalar or per channel), or raises ValueError.
+
+    A clip fraction `alpha` must be finite and in `(0, 1]`.
+    """
+    clip = np.asarray(clip, dtype=np.float64)
+    if not np.all(np.isfinite(clip)) or np.any(clip <= 0) or np.any(clip > 1):
+        raise ValueError(f"The weight clip fraction must be in (0, 1]; got {clip.tolist()}.")
+    return clip
+
+
 def channel_scales(weights, channel_ndim=1):
     """Maxima `s = max |W|` over everything but the output-channel axes.
 
@@ -33,14 +44,17 @@ class WeightQuantizer:
 
     ```
     m     = 2^(b-1) - 1                          # 7 at 4 bits
-    s     = max |W|                              # per output channel or tensor
-    q     = sign(W) * round(m * (|W| / s)^a)     # integer code in [-m, m]
+    s     = alpha * max |W|                      # per output channel or tensor
+    q     = sign(W) * round(m * min(|W| / s, 1)^a)   # integer code in [-m, m]
     W_hat = sign(q) * s * (|q| / m)^(1/a)
     ```
 
     `s` is the paper's `lambda^(1/a)`: a layer only needs the codes, one
     float scale per output channel and the exponent. `a = 1` is plain
-    symmetric uniform quantization.
+    symmetric uniform quantization. The clip fraction `alpha` in `(0, 1]`
+    (METHOD section 7.3; 1 by default, a scalar or one per channel) is an
+    argument of `encode`, not of the quantizer: it only changes the stored
+    scales, so clipped and unclipped kernels decode the same way.
 
     Rounding sends ties up: `|q| = k` exactly when `|W| / s` is at or above
     the decision threshold `((k - 1/2) / m)^(1/a)`. Codes are found by
@@ -77,16 +91,31 @@ class WeightQuantizer:
         levels = self.magnitude_levels()
         return np.concatenate([-levels[:0:-1], levels]).astype(np.float32)
 
-    def scales(self, weights, channel_ndim=1):
-        """Per-channel (or per-tensor) maxima `s = max |W|`; see `channel_scales`."""
-        return channel_scales(weights, channel_ndim if self.per_channel else 0)
+    def scales(self, weights, channel_ndim=1, clip=1.0):
+        """Scales `s = alpha * max |W|` per channel (or per tensor); see `channel_scales`.
 
-    def encode(self, weights, channel_ndim=1):
+        Args:
+            weights: float array.
+            channel_ndim: number of trailing output-channel axes.
+            clip: the clip fraction `alpha` in `(0, 1]`: a scalar, or an
+                array broadcastable to the scales' shape.
+        """
+        maxima = channel_scales(weights, channel_ndim if self.per_channel else 0)
+        clip = check_clip(clip)
+        if clip.ndim == 0 and clip == 1.0:
+            return maxima
+        return np.asarray(maxima * clip, dtype=np.float32)
+
+    def encode(self, weights, channel_ndim=1, clip=1.0):
         """Quantizes `weights` to integer codes.
+
+        Magnitudes above the scale `s` (with `alpha < 1`) get the largest
+        code `m`.
 
         Args:
             weights: float array; see `scales` for `channel_ndim`.
             channel_ndim: number of trailing output-channel axes.
+            clip: the clip fraction `alpha`; see `scales`.
 
         Returns:
             `(codes, scales)`: int8 codes of the shape of `weights`, in
@@ -95,7 +124,7 @@ class WeightQuantizer:
         weights = np.asarray(weights, dtype=np.float32)
         if not np.all(np.isfinite(weights)):
             raise ValueError("Cannot quantize weights that contain NaN or Inf.")
-        scales = self.scales(weights, channel_ndim)
+        scales = self.scales(weights, channel_ndim, clip)
         # All-zero channels keep a zero scale; dividing by 1 gives code 0.
         safe = np.where(scales > 0, scales, np.float32(1.0))
         normalized = np.abs(weights) / safe
@@ -109,9 +138,9 @@ class WeightQuantizer:
         table = self.decode_table()
         return table[codes.astype(np.int64) + self.max_code] * np.asarray(scales, dtype=np.float32)
 
-    def quantize(self, weights, channel_ndim=1):
-        """Quantize-dequantize: `decode(encode(weights))`, float32."""
-        return self.decode(*self.encode(weights, channel_ndim))
+    def quantize(self, weights, channel_ndim=1, clip=1.0):
+        """Quantize-dequantize: `decode(encode(weights, channel_ndim, clip))`, float32."""
+        return self.decode(*self.encode(weights, channel_ndim, clip))
 
     def get_config(self):
         return {"bits": self.bits, "exponent": self.exponent, "per_channel": self.per_channel}
