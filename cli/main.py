@@ -158,6 +158,10 @@ def _format_bytes(count):
               help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
 @click.option("--weight-clipping/--no-weight-clipping", default=None,
               help="Fit a weight clip fraction per layer jointly with its exponent [default: as kpq.convert].")
+@click.option("--bias-correction", type=click.Choice(["auto", "analytic", "empirical", "off"]), default="auto",
+              show_default=True,
+              help="Subtract each layer's mean output shift from its bias: auto = empirical with "
+              "--calibration-data, analytic (BatchNorm statistics) without.")
 @click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
@@ -165,8 +169,8 @@ def _format_bytes(count):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
-            quantize_first_last, fast_activations, weight_clipping, version, output_format, overwrite,
-            as_json):
+            quantize_first_last, fast_activations, weight_clipping, bias_correction, version, output_format,
+            overwrite, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
@@ -176,6 +180,8 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     """
     started = time.perf_counter()
     progress = _Progress()
+    if bias_correction == "empirical" and not calibration_data:
+        raise click.UsageError("--bias-correction empirical needs --calibration-data.")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"Output path '{out}' exists and is not a folder.")
     clashes = [p for p in _planned_paths(out, version, output_format) if os.path.exists(p)]
@@ -189,7 +195,8 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
     mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
-    defaults = {"weight_clipping": weight_clipping}
+    corrections = {"auto": True, "off": False}
+    defaults = {"weight_clipping": weight_clipping, "bias_correction": corrections.get(bias_correction, bias_correction)}
     quantized, report = kpq.convert(
         original,
         wbits,

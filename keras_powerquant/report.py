@@ -22,6 +22,10 @@ class LayerReport:
         uniform_error: the same at `a = 1` without clipping.
         weight_clip: the fitted clip fraction `alpha` (scales are
             `alpha max |W|` per channel; 1 = no clipping).
+        bias_correction: "analytic" or "empirical" when its bias was
+            corrected (METHOD 7.2), "none: <reason>" when it could not be.
+        bias_shift: Euclidean norm of the mean output shift subtracted
+            from its bias.
         input_quantizer: name of the quantizer of its input, if any.
         input_bits: bit width of its input, None if the input stays float.
         folded_batch_norm: name of the BatchNorm folded into it.
@@ -38,6 +42,8 @@ class LayerReport:
     error: Optional[float] = None
     uniform_error: Optional[float] = None
     weight_clip: Optional[float] = None
+    bias_correction: Optional[str] = None
+    bias_shift: Optional[float] = None
     input_quantizer: Optional[str] = None
     input_bits: Optional[int] = None
     folded_batch_norm: Optional[str] = None
@@ -142,7 +148,8 @@ class ConversionReport:
         """A readable multi-line table of the conversion."""
         lines = [f"Model '{self.model_name}': {_options_line(self.options)}", ""]
         header = (
-            f"{'layer':<28} {'kind':<22} {'bits':>4} {'exponent':>8} {'clip':>5} {'err/uniform':>11}  input"
+            f"{'layer':<28} {'kind':<22} {'bits':>4} {'exponent':>8} {'clip':>5} {'err/uniform':>11} "
+            f"{'|bias shift|':>12}  input"
         )
         lines += [header, "-" * len(header)]
         for layer in self.layers:
@@ -152,13 +159,13 @@ class ConversionReport:
                 lines.append(
                     f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {layer.weight_bits:>4} "
                     f"{_fmt_number(layer.exponent, '.3f'):>8} {_fmt_number(layer.weight_clip, '.3f'):>5} "
-                    f"{_fmt_ratio(ratio):>11}  {input_desc}"
+                    f"{_fmt_ratio(ratio):>11} {_fmt_number(layer.bias_shift, '.3g'):>12}  {input_desc}"
                     + (f" ({layer.position})" if layer.position else "")
                 )
             else:
                 lines.append(
                     f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {'-':>4} {'-':>8} {'-':>5} "
-                    f"{'-':>11}  float: {layer.reason}"
+                    f"{'-':>11} {'-':>12}  float: {layer.reason}"
                 )
         if self.activations:
             lines += ["", f"{'activation quantizer':<34} {'bits':>4} {'sign':>4} {'clip':>9} "
@@ -204,5 +211,7 @@ def _fmt_ratio(ratio):
 
 
 def _options_line(options):
-    keys = ("method", "wbits", "abits", "scope", "fast_activations", "weight_clipping", "calibrated")
+    keys = (
+        "method", "wbits", "abits", "scope", "fast_activations", "weight_clipping", "bias_correction", "calibrated"
+    )
     return ", ".join(f"{k}={options[k]}" for k in keys if k in options)

@@ -6,6 +6,13 @@ import time
 import keras
 import numpy as np
 
+from keras_powerquant.converter.bias_correction import analytic_corrections
+from keras_powerquant.converter.bias_correction import apply_corrections
+from keras_powerquant.converter.bias_correction import check_bias_correction
+from keras_powerquant.converter.bias_correction import empirical_corrections
+from keras_powerquant.converter.bias_correction import layout_of
+from keras_powerquant.converter.bias_correction import output_channels
+from keras_powerquant.converter.bias_correction import resolve_bias_correction
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
 from keras_powerquant.converter.calibration import DEFAULT_BATCH_SIZE
@@ -32,6 +39,9 @@ from keras_powerquant.report import LayerReport
 
 METHODS = ("powerquant", "uniform")
 SCOPES = ("layer", "network")
+# Calibration samples kept in memory for the empirical bias correction's
+# layer-by-layer passes.
+BIAS_CORRECTION_SAMPLES = 256
 
 
 def _resolve_model(model):
@@ -63,6 +73,7 @@ def check_options(
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     first_last_bits=8,
     weight_clipping=False,
+    bias_correction=False,
 ):
     """Raises ValueError for `convert` options it would reject, before any work."""
     check_bits(wbits, "wbits")
@@ -82,6 +93,7 @@ def check_options(
         raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high; got {exponent_bounds}.")
     if not isinstance(weight_clipping, bool):
         raise ValueError(f"`weight_clipping` must be True or False; got {weight_clipping!r}.")
+    check_bias_correction(bias_correction)
 
 
 def _fit_weights(plan, method, scope, per_channel, p, bounds, clip, step):
@@ -152,6 +164,7 @@ def convert(
     first_last_bits=8,
     fast_activations=False,
     weight_clipping=False,
+    bias_correction=True,
     calibration_batch_size=DEFAULT_BATCH_SIZE,
     calibration_steps=None,
     progress=None,
@@ -194,6 +207,11 @@ def convert(
         weight_clipping: fit each layer's weight clip fraction `alpha` in
             `[0.05, 1]` jointly with its exponent (METHOD 7.3): the scales
             become `alpha max |W|` per channel, one `alpha` per layer.
+        bias_correction: subtract each quantized layer's mean output shift
+            from its bias (METHOD 7.2). True: "empirical" with calibration
+            data (measured layer by layer on up to 256 of its samples),
+            "analytic" without (from BatchNorm statistics); or one of those
+            strings, or False.
         calibration_batch_size: batch size for in-memory calibration arrays.
         calibration_steps: use at most this many calibration batches.
         progress: optional callback `progress(stage, done, total)`.
@@ -209,7 +227,10 @@ def convert(
         CalibrationDataError: calibration data that does not fit the model.
         ValueError: invalid options.
     """
-    check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits, weight_clipping)
+    check_options(
+        wbits, abits, method, scope, p, exponent_bounds, first_last_bits, weight_clipping, bias_correction
+    )
+    correction = resolve_bias_correction(bias_correction, calibration_data is not None)
     seconds = {}
     started = time.perf_counter()
 
@@ -224,12 +245,16 @@ def convert(
     seconds["analysis"] = time.perf_counter() - started
 
     mark = time.perf_counter()
+    stats = propagate_statistics(graph, folds) if calibration_data is None or correction == "analytic" else None
+    kept_batches = []
     if calibration_data is None:
-        samples, rules = _data_free_samples(plan, propagate_statistics(graph, folds))
+        samples, rules = _data_free_samples(plan, stats)
     else:
         batches = calibration_batches(
             calibration_data, graph.input_tensors, calibration_batch_size, calibration_steps
         )
+        if correction == "empirical":
+            batches = _keeping(batches, kept_batches, BIAS_CORRECTION_SAMPLES)
         calibrate = report_progress("calibration")
         samples = record_samples(
             graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, calibration_steps)
@@ -249,9 +274,23 @@ def convert(
     seconds["activations"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
+    if correction is not None:
+        _give_every_layer_a_bias(plan)
     builder = ModelBuilder(graph, folds, plan, per_channel)
     quantized_model = builder.build()
     seconds["build"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    corrections = {}
+    if correction == "analytic":
+        corrections = analytic_corrections(plan, stats, builder.quantized_layers)
+        apply_corrections(builder.quantized_layers, corrections)
+    elif correction == "empirical":
+        corrections = empirical_corrections(
+            graph, plan, quantized_model, builder.quantized_layers, kept_batches,
+            progress=report_progress("bias correction"),
+        )
+    seconds["bias_correction"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
 
     options = {
@@ -266,11 +305,36 @@ def convert(
         "first_last_bits": first_last_bits,
         "fast_activations": fast_activations,
         "weight_clipping": weight_clipping,
+        "bias_correction": correction,
         "calibrated": calibration_data is not None,
     }
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
-    report = _report(graph, plan, folds, unfolded, options, notes, seconds)
+    report = _report(graph, plan, folds, unfolded, options, notes, seconds, corrections)
     return quantized_model, report
+
+
+def _keeping(batches, kept, max_samples):
+    """Yields `batches`, appending them to `kept` until it holds `max_samples` samples."""
+    held = 0
+    for batch in batches:
+        if held < max_samples:
+            kept.append(batch)
+            held += len(batch[0])
+        yield batch
+
+
+def _give_every_layer_a_bias(plan):
+    """A corrected layer needs a bias to hold the correction: zeros where it had none."""
+    for layer_plan in plan.layers.values():
+        if layer_plan.bias is None:
+            channels = output_channels(layer_plan.kernel, layout_of(layer_plan.layer))
+            layer_plan.bias = np.zeros(channels, dtype=np.float32)
+
+
+def _describe(correction):
+    if correction is None:
+        return None
+    return correction.method if correction.reason is None else f"none: {correction.reason}"
 
 
 def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last_bits=8):
@@ -319,7 +383,7 @@ def fold_batch_norms(model):
     return folded, report
 
 
-def _report(graph, plan, folds, unfolded, options, notes, seconds):
+def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=None):
     report = ConversionReport(graph.model.name, options, notes=notes, seconds=seconds)
     report.folded_batch_norms = [
         {"batch_norm": f.batch_norm.name, "into": f.linear.name} for f in folds.values()
@@ -330,6 +394,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
         layer_plan = plan.layers.get(id(layer))
         if layer_plan is not None:
             quantizer = layer_plan.input_quantizer
+            correction = (corrections or {}).get(id(layer))
             report.layers.append(
                 LayerReport(
                     name=layer.name,
@@ -342,6 +407,8 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
                     error=layer_plan.fit.error if layer_plan.fit else None,
                     uniform_error=layer_plan.fit.uniform_error if layer_plan.fit else None,
                     weight_clip=layer_plan.fit.clip if layer_plan.fit else None,
+                    bias_correction=_describe(correction),
+                    bias_shift=correction.norm if correction else None,
                     input_quantizer=quantizer.name if quantizer.reason is None else None,
                     input_bits=quantizer.bits if quantizer.reason is None else None,
                     folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
