@@ -29,6 +29,16 @@ from keras_powerquant.quantization.statistics import linear_gaussians
 
 L = keras.layers
 
+# Activation ranges are fitted on samples with heavier tails than the
+# Gaussian model (a unit-variance Student t with this many degrees of
+# freedom; None for Gaussian): real activations have them. Moments
+# propagated through the graph stay Gaussian.
+DATA_FREE_TAIL_DOF = 10
+
+
+def _fit_samples(gaussians):
+    return gaussians.samples(tail_dof=DATA_FREE_TAIL_DOF)
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorStats:
@@ -48,7 +58,7 @@ class TensorStats:
 
     @classmethod
     def of_gaussians(cls, gaussians):
-        return cls(gaussians, lambda: gaussians.samples().ravel(), gaussians.rule)
+        return cls(gaussians, lambda: _fit_samples(gaussians).ravel(), gaussians.rule)
 
     @classmethod
     def unknown(cls, rule):
@@ -70,7 +80,7 @@ def _activated(stats, spec):
     fn = spec.numpy_function()
     _, gaussians = stats.gaussians.map(fn, rule)
     pre = stats.gaussians
-    return TensorStats(gaussians, lambda: fn(pre.samples()).ravel(), rule)
+    return TensorStats(gaussians, lambda: fn(_fit_samples(pre)).ravel(), rule)
 
 
 def _is_channels_last(layer):

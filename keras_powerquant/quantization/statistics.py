@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 from scipy import special
+from scipy import stats
 
 # Enough samples to fit a 8-bit quantizer well, few enough to stay fast.
 DEFAULT_TOTAL_SAMPLES = 1 << 17
@@ -47,13 +48,16 @@ class ChannelGaussians:
     def channels(self):
         return self.mean.size
 
-    def samples(self, total=DEFAULT_TOTAL_SAMPLES):
-        """Deterministic samples, `(channels, n)`: the normal quantiles of each channel.
+    def samples(self, total=DEFAULT_TOTAL_SAMPLES, tail_dof=None):
+        """Deterministic samples, `(channels, n)`: quantiles of each channel's distribution.
 
-        `n = max(64, total // channels)`; quantiles at `(i + 1/2) / n`.
+        `n = max(64, total // channels)`; quantiles at `(i + 1/2) / n` of
+        the normal distribution, or with `tail_dof` of a Student t with that
+        many degrees of freedom (> 2) scaled to the channel's variance: the
+        same mean and variance, heavier tails.
         """
         n = max(_MIN_SAMPLES_PER_CHANNEL, total // max(self.channels, 1))
-        z = special.ndtri((np.arange(n) + 0.5) / n)
+        z = standardized_quantiles((np.arange(n) + 0.5) / n, tail_dof)
         return self.mean[:, None] + np.sqrt(self.var)[:, None] * z[None, :]
 
     def map(self, fn, rule, total=DEFAULT_TOTAL_SAMPLES):
@@ -65,6 +69,15 @@ class ChannelGaussians:
         """
         mapped = fn(self.samples(total))
         return mapped, ChannelGaussians(mapped.mean(axis=1), mapped.var(axis=1), rule)
+
+
+def standardized_quantiles(q, tail_dof=None):
+    """Quantiles of a zero-mean, unit-variance normal, or Student t with `tail_dof` > 2."""
+    if tail_dof is None:
+        return special.ndtri(q)
+    if not tail_dof > 2:
+        raise ValueError(f"`tail_dof` must be > 2 (finite variance); got {tail_dof}.")
+    return stats.t.ppf(q, tail_dof) * np.sqrt((tail_dof - 2.0) / tail_dof)
 
 
 def batchnorm_gaussians(gamma, beta):
