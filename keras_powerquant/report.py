@@ -23,7 +23,7 @@ class LayerReport:
         weight_clip: the fitted clip fraction `alpha` (scales are
             `alpha max |W|` per channel; 1 = no clipping).
         bias_correction: "analytic" or "empirical" when its bias was
-            corrected (METHOD 7.2), "none: <reason>" when it could not be.
+            corrected (docs/method.md §7), "none: <reason>" when it could not be.
         bias_shift: Euclidean norm of the mean output shift subtracted
             from its bias.
         input_quantizer: name of the quantizer of its input, if any.

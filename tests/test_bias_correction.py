@@ -1,4 +1,4 @@
-"""Bias correction (METHOD 7.2): the padding model, and real corrections on real models.
+"""Bias correction (docs/method.md §7): the padding model, and real corrections on real models.
 
 The output means are computed here with Keras' own convolutions on recorded
 layer inputs, independently of the converter's formula.
@@ -213,3 +213,16 @@ def test_cli_options_and_usage_errors(tmp_path):
     assert report["options"]["weight_clipping"] is True
     assert report["options"]["bias_correction"] == "analytic"
     assert all(0.05 <= layer["weight_clip"] <= 1.0 for layer in report["layers"] if layer["status"] == "quantized")
+
+
+def test_channels_first_layers_are_left_uncorrected_with_a_reason():
+    inputs = keras.Input((3, 8, 8))
+    x = keras.layers.Conv2D(4, 3, padding="same", data_format="channels_first", name="conv_cf")(inputs)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(5, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    calibration = np.random.default_rng(0).random((16, 3, 8, 8)).astype("float32")
+    _, report = kpq.convert(model, 4, 4, calibration_data=calibration)
+    assert report.layer("conv_cf").bias_correction == "none: channels_first layout"
+    assert report.layer("head").bias_correction == "empirical"

@@ -1,4 +1,4 @@
-"""Bias correction stages of `convert` (METHOD 7.2), run on the built quantized model.
+"""Bias correction stages of `convert` (docs/method.md §7), run on the built quantized model.
 
 Analytic (data-free): `shift = (W_hat - W) E[x]`, with `E[x]` per input
 channel from the propagated BatchNorm statistics (after a ReLU, the mean of
@@ -62,7 +62,7 @@ class BiasCorrection:
 
 def check_bias_correction(value):
     """Raises ValueError unless `value` is one of `BIAS_CORRECTION_MODES`."""
-    if not any(value is mode or (isinstance(value, str) and value == mode) for mode in BIAS_CORRECTION_MODES):
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in BIAS_CORRECTION_MODES)):
         raise ValueError(
             "`bias_correction` must be True, False, 'analytic' or 'empirical'; "
             f"got {value!r}."
@@ -93,9 +93,7 @@ def layout_of(layer):
 
 def _coverage(op):
     layer = op.layer
-    if layout_of(layer) == "dense":
-        return None
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
+    if layout_of(layer) == "dense" or not _channels_last(layer):
         return None
     sizes = op.node.input_tensors[0].shape[1:-1]
     return [
@@ -156,7 +154,7 @@ def _summing(compute):
     Traced once and reused by every pass: the model's variables (the biases
     being corrected) are read at each call.
     """
-    return tf.function(lambda inputs: [_channel_sums(t) for t in compute(inputs)])
+    return tf.function(lambda inputs: [_channel_sums(t) for t in keras.tree.flatten(compute(inputs))])
 
 
 def _input_means(function, batches):
@@ -215,7 +213,12 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
         A dict `id(original layer)` -> `BiasCorrection` (already applied).
     """
     batches = _rebatched(batches, _PASS_BATCH_SIZE)
-    layer_keys = list(plan.layers)
+    corrections = {
+        key: BiasCorrection("empirical", reason="channels_first layout")
+        for key, layer_plan in plan.layers.items()
+        if not _channels_last(layer_plan.layer)
+    }
+    layer_keys = [key for key in plan.layers if key not in corrections]
     input_keys = [plan.layers[key].op.input_key for key in layer_keys]
 
     def float_inputs(inputs):
@@ -225,8 +228,7 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
     float_means = dict(zip(layer_keys, _input_means(_summing(float_inputs), batches)))
     probe = keras.Model(model.inputs, [quantized_layers[key].input for key in layer_keys])
     probe_sums = _summing(lambda inputs: probe(inputs, training=False))
-    waves = _waves(graph, plan)
-    corrections = {}
+    waves = [[key for key in wave if key in float_means] for wave in _waves(graph, plan)]
     for done, wave in enumerate(waves, start=1):
         quantized_means = dict(zip(layer_keys, _input_means(probe_sums, batches)))
         for key in wave:

@@ -205,10 +205,10 @@ def convert(
             uniform ones at inference instead of two exp/log pairs; weight
             exponents are fitted as usual.
         weight_clipping: fit each layer's weight clip fraction `alpha` in
-            `[0.05, 1]` jointly with its exponent (METHOD 7.3): the scales
+            `[0.05, 1]` jointly with its exponent (docs/method.md §7): the scales
             become `alpha max |W|` per channel, one `alpha` per layer.
         bias_correction: subtract each quantized layer's mean output shift
-            from its bias (METHOD 7.2). True: "empirical" with calibration
+            from its bias (docs/method.md §7). True: "empirical" with calibration
             data (measured layer by layer on up to 256 of its samples),
             "analytic" without (from BatchNorm statistics); or one of those
             strings, or False.

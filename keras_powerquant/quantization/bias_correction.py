@@ -1,4 +1,4 @@
-"""Bias correction (METHOD 7.2): the mean output shift of a quantized linear layer.
+"""Bias correction (docs/method.md §7): the mean output shift of a quantized linear layer.
 
 A Dense/Conv layer computes `y = W * x + b`. Quantizing its kernel (and its
 input, and every layer before it) moves the mean of each output channel:

@@ -103,7 +103,7 @@ class ExponentFit:
         uniform_error: the same error at `a = 1`, clip 1 (uniform
             quantization with max scaling).
         clip: the fitted clip fraction `alpha*` of each channel's maximum
-            magnitude (METHOD section 7.3); 1 when clipping is off.
+            magnitude (docs/method.md §7); 1 when clipping is off.
     """
 
     exponent: float
@@ -265,7 +265,7 @@ def fit_weight_exponent(
         channel_ndim: trailing output-channel axes; 0 for a per-tensor scale.
         p: the error norm exponent.
         bounds: the search interval for the exponent.
-        clip: also fit the clip fraction `alpha` jointly (METHOD 7.3).
+        clip: also fit the clip fraction `alpha` jointly (docs/method.md §7).
 
     Returns:
         An `ExponentFit`.

@@ -52,7 +52,7 @@ class WeightQuantizer:
     `s` is the paper's `lambda^(1/a)`: a layer only needs the codes, one
     float scale per output channel and the exponent. `a = 1` is plain
     symmetric uniform quantization. The clip fraction `alpha` in `(0, 1]`
-    (METHOD section 7.3; 1 by default, a scalar or one per channel) is an
+    (docs/method.md §7; 1 by default, a scalar or one per channel) is an
     argument of `encode`, not of the quantizer: it only changes the stored
     scales, so clipped and unclipped kernels decode the same way.
 
