@@ -188,9 +188,10 @@ class ActivationErrorModel:
         """`(clip, error)` minimising the error for a fixed exponent."""
         lowest_clip = self.max_value * _MIN_CLIP_FRACTION
         if not lowest_clip > 0:
-            # Nothing positive to represent (or only subnormal values, whose
-            # clip range underflows): any clip gives the same error.
-            return 1.0, self.error(1.0, exponent)
+            # Nothing positive to represent, or only subnormal values whose
+            # clip range underflows: clip at the largest value (1 if none).
+            clip = self.max_value if self.max_value > 0 else 1.0
+            return clip, self.error(clip, exponent)
         return minimize_bounded(lambda clip: self.error(clip, exponent), lowest_clip, self.max_value)
 
 
