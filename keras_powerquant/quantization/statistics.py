@@ -3,7 +3,8 @@
 After BatchNorm folding, the pre-activation of channel `k` of a Conv/Dense +
 BatchNorm is modelled as `Normal(beta_k, gamma_k^2)`. An activation's range
 is fitted on deterministic samples of its output under that model: normal
-quantiles pushed through the activation function. Where no BatchNorm
+quantiles (or, with `tail_dof`, Student-t quantiles of the same mean and
+variance) pushed through the activation function. Where no BatchNorm
 precedes a tensor, per-channel means and variances are propagated through
 the layers in between under an independence assumption (sums add means and
 variances; linear layers map them through the kernel), and the output is
