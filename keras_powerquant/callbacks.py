@@ -48,7 +48,7 @@ class PowerQuantExport(keras.callbacks.Callback):
     ):
         super().__init__()
         # Checked now: a typo found when training ends would cost the whole run.
-        checked = ("scope", "p", "exponent_bounds", "first_last_bits", "weight_clipping")
+        checked = ("scope", "p", "exponent_bounds", "first_last_bits", "weight_clipping", "bias_correction")
         check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")

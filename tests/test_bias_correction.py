@@ -226,3 +226,9 @@ def test_channels_first_layers_are_left_uncorrected_with_a_reason():
     _, report = kpq.convert(model, 4, 4, calibration_data=calibration)
     assert report.layer("conv_cf").bias_correction == "none: channels_first layout"
     assert report.layer("head").bias_correction == "empirical"
+
+
+@pytest.mark.parametrize("options", [{"bias_correction": "sometimes"}, {"weight_clipping": "yes"}])
+def test_callback_rejects_bad_options_at_construction(tmp_path, options):
+    with pytest.raises(ValueError, match="must be"):
+        kpq.PowerQuantExport(tmp_path / "export", **options)
