@@ -37,8 +37,8 @@ from keras_powerquant.loading import resolve_model
 
 logger = logging.getLogger("keras_powerquant")
 
-DEFAULT_NUM_SAMPLES = 64
-DEFAULT_STEPS = 100
+DEFAULT_NUM_SAMPLES = 32
+DEFAULT_STEPS = 50
 DEFAULT_LEARNING_RATE = 0.1
 DEFAULT_BATCH_SIZE = 64
 # Input channels given their own starting offset (see `_affine_start`).

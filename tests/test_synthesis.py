@@ -14,6 +14,7 @@ import pytest
 
 import keras_powerquant as kpq
 from keras_powerquant.errors import UnsupportedModelError
+from keras_powerquant.synthesis import DEFAULT_NUM_SAMPLES
 from keras_powerquant.synthesis import synthesize
 from tests import models as M
 from tests.cli_helpers import invoke
@@ -167,10 +168,10 @@ def test_progress_reports_steps_and_loss(resnet_style):
 
 def test_convert_with_synthetic_calibration(resnet_style):
     quantized, report = kpq.convert(resnet_style, 8, 8, calibration_data="synthetic")
-    assert report.options["calibrated"] and report.options["synthetic"]["num_samples"] == 64
+    assert report.options["calibrated"] and report.options["synthetic"]["num_samples"] == DEFAULT_NUM_SAMPLES
     assert "synthesis" in report.seconds
     assert all(a.rule == "calibration" and a.status == "quantized" for a in report.activations)
-    assert any("synthetic inputs: 64 samples" in note for note in report.notes)
+    assert any(f"synthetic inputs: {DEFAULT_NUM_SAMPLES} samples" in note for note in report.notes)
     x = M.reference_inputs(resnet_style, 32)
     float_top1 = np.argmax(M.predict(resnet_style, x)[0], axis=1)
     assert np.mean(np.argmax(M.predict(quantized, x)[0], axis=1) == float_top1) >= 0.9
