@@ -1,6 +1,6 @@
 """`convert`: a trained Keras model in, a PowerQuant Keras model and a report out."""
 
-import os
+import dataclasses
 import time
 
 import keras
@@ -23,8 +23,7 @@ from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
 from keras_powerquant.converter.plan import plan_conversion
 from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.errors import InvalidModelError
-from keras_powerquant.loading import check_convertible
-from keras_powerquant.loading import load_model_with_notes
+from keras_powerquant.loading import resolve_model
 from keras_powerquant.quantization.search import ActivationErrorModel
 from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
 from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
@@ -36,6 +35,7 @@ from keras_powerquant.quantization.validation import check_bits
 from keras_powerquant.report import ActivationReport
 from keras_powerquant.report import ConversionReport
 from keras_powerquant.report import LayerReport
+from keras_powerquant.synthesis import SyntheticData
 
 METHODS = ("powerquant", "uniform")
 SCOPES = ("layer", "network")
@@ -44,14 +44,8 @@ SCOPES = ("layer", "network")
 BIAS_CORRECTION_SAMPLES = 256
 
 
-def _resolve_model(model):
-    if isinstance(model, (str, os.PathLike)):
-        return load_model_with_notes(model)
-    check_convertible(model)
-    return model, []
-
-
-def _check_finite(model):
+def _check_weights(model):
+    """Raises InvalidModelError, naming the layer, for weights no model can compute with."""
     layers = model._flatten_layers(include_self=False, recursive=True)
     # Leaf layers first: a nested model's weights include its layers' weights,
     # and the message must name the layer that holds the bad weight.
@@ -62,6 +56,20 @@ def _check_finite(model):
                     f"Layer '{layer.name}' has NaN or Inf values in weight '{weight.name}': "
                     "the model cannot be quantized. Check the training run that produced it."
                 )
+        if isinstance(layer, keras.layers.BatchNormalization):
+            variance = keras.ops.convert_to_numpy(layer.moving_variance)
+            bad = variance + layer.epsilon <= 0
+            if np.any(bad):
+                raise InvalidModelError(
+                    f"Layer '{layer.name}' has a negative moving variance in {int(np.sum(bad))} of "
+                    f"{bad.size} channels (smallest {float(variance.min()):g}, epsilon {layer.epsilon:g}): "
+                    "its outputs are NaN even in the float model. Check the training run that produced it."
+                )
+
+
+def _check_count(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
 
 
 def check_options(
@@ -72,6 +80,8 @@ def check_options(
     p=2.0,
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     first_last_bits=8,
+    calibration_batch_size=DEFAULT_BATCH_SIZE,
+    calibration_steps=None,
     weight_clipping=False,
     bias_correction=False,
 ):
@@ -83,14 +93,18 @@ def check_options(
         raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
     if scope not in SCOPES:
         raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
-    if not float(p) > 0:
-        raise ValueError(f"`p` must be > 0; got {p}.")
+    # An infinite norm keeps only the largest error: the fits then ignore almost every value.
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 < p < np.inf:
+        raise ValueError(f"`p` must be a finite number > 0; got {p!r}.")
     try:
         low, high = (float(b) for b in exponent_bounds)
     except (TypeError, ValueError):
         raise ValueError(f"`exponent_bounds` must be a pair (low, high); got {exponent_bounds!r}.") from None
-    if not 0 < low < high:
-        raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high; got {exponent_bounds}.")
+    if not 0 < low < high < np.inf:
+        raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high < inf; got {exponent_bounds}.")
+    _check_count(calibration_batch_size, "calibration_batch_size")
+    if calibration_steps is not None:
+        _check_count(calibration_steps, "calibration_steps")
     if not isinstance(weight_clipping, bool):
         raise ValueError(f"`weight_clipping` must be True or False; got {weight_clipping!r}.")
     check_bias_correction(bias_correction)
@@ -121,10 +135,11 @@ def _fit_activations(plan, samples, rules, method, scope, p, bounds, fast, step)
         if values is None:
             quantizer.reason = f"no statistics ({quantizer.rule}); pass calibration data"
             continue
-        if quantizer.nonnegative or (quantizer.kind != "input" and quantizer.spec.nonnegative):
-            quantizer.signed = False
-        else:
-            quantizer.signed = bool(np.min(values) < 0) if quantizer.kind == "input" else True
+        # Unsigned only where the graph guarantees values >= 0: calibration
+        # samples that happen to be >= 0 say nothing of the inputs served later.
+        quantizer.signed = not (
+            quantizer.nonnegative or (quantizer.kind != "input" and quantizer.spec.nonnegative)
+        )
         fittable.append((quantizer, ActivationErrorModel(values, quantizer.bits, quantizer.signed, p)))
     exponent = 1.0 if method == "uniform" else None
     fits = fit_activation_models(
@@ -133,10 +148,10 @@ def _fit_activations(plan, samples, rules, method, scope, p, bounds, fast, step)
         exponent=exponent,
         shared=scope == "network",
         choices=FAST_ACTIVATION_EXPONENTS if fast else None,
+        progress=step,
     )
-    for i, ((quantizer, _), fit) in enumerate(zip(fittable, fits)):
+    for (quantizer, _), fit in zip(fittable, fits):
         quantizer.fit = fit
-        step(i + 1, len(fittable))
 
 
 def _data_free_samples(plan, stats):
@@ -186,15 +201,21 @@ def convert(
         abits: activation bit width, 2 to 8.
         method: "powerquant" (fitted exponents) or "uniform" (`a = 1`
             everywhere: the baseline).
-        calibration_data: optional model inputs (numpy array, list/dict of
-            arrays, `tf.data.Dataset`, or iterable of batches) to fit
-            activation quantizers on instead of BatchNorm statistics. Lists
-            follow `model.inputs` order (Keras sorts dict inputs by key);
-            dicts are matched by input name.
+        calibration_data: optional model inputs to fit activation
+            quantizers on instead of BatchNorm statistics, in the forms
+            `Model.fit`/`predict` take: an array, `[x]`, a list/tuple or
+            dict of arrays, `(x, y)` or `(x, y, sample_weight)` (`x` is
+            used), a `tf.data.Dataset`, or an iterable of such batches.
+            Lists follow `model.inputs` order (Keras sorts dict inputs by
+            key); dicts are matched by input name. `"synthetic"`
+            generates inputs from the model itself (`synthesize_inputs`
+            with its defaults); a `SyntheticData(num_samples=...,
+            input_range=...)` sets its options.
         scope: "layer" (one exponent per layer) or "network" (one weight
             exponent and one activation exponent shared by all layers).
         per_channel: one weight scale per output channel, or per tensor.
-        p: the norm of the reconstruction error, `sum |x - x_hat|^p`.
+        p: the norm of the reconstruction error, `sum |x - x_hat|^p`
+            (finite, > 0).
         exponent_bounds: the exponent search interval.
         quantize_first_last: quantize the first and last quantized layers
             at `wbits`/`abits` rather than `first_last_bits`.
@@ -209,11 +230,13 @@ def convert(
             become `alpha max |W|` per channel, one `alpha` per layer.
         bias_correction: subtract each quantized layer's mean output shift
             from its bias (docs/method.md §7). True: "empirical" with calibration
-            data (measured layer by layer on up to 256 of its samples),
-            "analytic" without (from BatchNorm statistics); or one of those
-            strings, or False.
-        calibration_batch_size: batch size for in-memory calibration arrays.
-        calibration_steps: use at most this many calibration batches.
+            data, real or synthetic (measured layer by layer on up to 256 of
+            its samples), "analytic" without (from BatchNorm statistics); or
+            one of those strings, or False.
+        calibration_batch_size: batch size for in-memory calibration arrays
+            (an integer >= 1).
+        calibration_steps: use at most this many calibration batches (an
+            integer >= 1, or None for all).
         progress: optional callback `progress(stage, done, total)`.
 
     Returns:
@@ -225,11 +248,18 @@ def convert(
         UnsupportedModelError: a subclassed or unbuilt model.
         InvalidModelError: weights with NaN or Inf.
         CalibrationDataError: calibration data that does not fit the model.
+        UnsupportedModelError: `"synthetic"` for a model with neither
+            BatchNorm layers nor a classifier output.
         ValueError: invalid options.
     """
     check_options(
-        wbits, abits, method, scope, p, exponent_bounds, first_last_bits, weight_clipping, bias_correction
+        wbits, abits, method, scope, p, exponent_bounds, first_last_bits, calibration_batch_size, calibration_steps,
+        weight_clipping, bias_correction,
     )
+    if isinstance(calibration_data, str):
+        if calibration_data != "synthetic":
+            raise ValueError(f'`calibration_data` as a string must be "synthetic"; got {calibration_data!r}.')
+        calibration_data = SyntheticData()
     correction = resolve_bias_correction(bias_correction, calibration_data is not None)
     seconds = {}
     started = time.perf_counter()
@@ -237,12 +267,20 @@ def convert(
     def report_progress(stage):
         return lambda done, total: progress(stage, done, total) if progress else None
 
-    model, notes = _resolve_model(model)
-    _check_finite(model)
+    model, notes = resolve_model(model)
+    _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
     seconds["analysis"] = time.perf_counter() - started
+
+    synthetic = calibration_data if isinstance(calibration_data, SyntheticData) else None
+    if synthetic is not None:
+        mark = time.perf_counter()
+        synthesis = synthetic.generate(model, progress=progress)
+        inputs = synthesis.inputs
+        calibration_data, notes = (inputs[0] if len(inputs) == 1 else inputs), notes + synthesis.notes
+        seconds["synthesis"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     stats = propagate_statistics(graph, folds) if calibration_data is None or correction == "analytic" else None
@@ -308,6 +346,8 @@ def convert(
         "bias_correction": correction,
         "calibrated": calibration_data is not None,
     }
+    if synthetic is not None:
+        options["synthetic"] = dataclasses.asdict(synthetic)
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
     report = _report(graph, plan, folds, unfolded, options, notes, seconds, corrections)
     return quantized_model, report
@@ -349,7 +389,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         wbits, abits, quantize_first_last, first_last_bits: as in `convert`.
     """
     check_options(wbits, abits, first_last_bits=first_last_bits)
-    model, notes = _resolve_model(model)
+    model, notes = resolve_model(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
@@ -372,8 +412,8 @@ def fold_batch_norms(model):
         `(folded_model, report)`: the folded `keras.Model` and a
         `ConversionReport` listing folded and kept BatchNorms.
     """
-    model, notes = _resolve_model(model)
-    _check_finite(model)
+    model, notes = resolve_model(model)
+    _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     folded = ModelBuilder(graph, folds).build()
