@@ -28,6 +28,20 @@ from keras_powerquant.quantization.validation import MIN_BITS
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 
 
+class _ActivationBits(click.ParamType):
+    """An activation bit width, or "float" (None) for weight-only quantization."""
+
+    name = "BITS|float"
+
+    def convert(self, value, param, context):
+        if value is None or (isinstance(value, str) and value.lower() == "float"):
+            return None
+        return BITS.convert(value, param, context)
+
+
+ACTIVATION_BITS = _ActivationBits()
+
+
 def _handle_errors(command):
     """Turns library errors into one-line messages and exit status 1."""
 
@@ -136,7 +150,8 @@ def _format_bytes(count):
 @click.argument("model", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Export folder (TF Serving base path).")
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width.")
-@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width.")
+@click.option("--abits", type=ACTIVATION_BITS, default="4", show_default=True,
+              help="Activation bit width, or 'float' to quantize the weights only.")
 @click.option(
     "--method",
     type=click.Choice(["powerquant", "uniform"]),
@@ -185,7 +200,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     original = kpq.load_model(model)
     calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
     mode = "calibrated" if calibration is not None else "data-free"
-    progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
+    progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
     quantized, report = kpq.convert(
         original,
         wbits,
@@ -249,7 +264,8 @@ def _converted_layers_table(loaded):
 @main.command()
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width to plan for.")
-@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width to plan for.")
+@click.option("--abits", type=ACTIVATION_BITS, default="4", show_default=True,
+              help="Activation bit width to plan for, or 'float' (weights only).")
 @click.option("--quantize-first-last", is_flag=True, help="Plan the first and last layers at --wbits/--abits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @_handle_errors

@@ -199,4 +199,6 @@ def _fmt_ratio(ratio):
 
 def _options_line(options):
     keys = ("method", "wbits", "abits", "scope", "fast_activations", "calibrated")
-    return ", ".join(f"{k}={options[k]}" for k in keys if k in options)
+    # abits None is weight-only quantization: activations stay float.
+    shown = {**options, "abits": "float"} if options.get("abits", 0) is None else options
+    return ", ".join(f"{k}={shown[k]}" for k in keys if k in shown)

@@ -66,7 +66,8 @@ def check_options(
 ):
     """Raises ValueError for `convert` options it would reject, before any work."""
     check_bits(wbits, "wbits")
-    check_bits(abits, "abits")
+    if abits is not None:
+        check_bits(abits, "abits")
     check_bits(first_last_bits, "first_last_bits")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
@@ -170,7 +171,9 @@ def convert(
         model: a Functional or Sequential `keras.Model`, or the path of a
             `.keras` or `.h5` file.
         wbits: weight bit width, 2 to 8.
-        abits: activation bit width, 2 to 8.
+        abits: activation bit width, 2 to 8, or None for weight-only
+            quantization: weights become codes (BatchNorm folded) and
+            activations stay float, with no quantizer in the graph.
         method: "powerquant" (fitted exponents) or "uniform" (`a = 1`
             everywhere: the baseline).
         calibration_data: optional model inputs (numpy array, list/dict of
@@ -324,6 +327,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
         layer_plan = plan.layers.get(id(layer))
         if layer_plan is not None:
             quantizer = layer_plan.input_quantizer
+            input_quantized = quantizer is not None and quantizer.reason is None
             report.layers.append(
                 LayerReport(
                     name=layer.name,
@@ -335,8 +339,8 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
                     exponent=layer_plan.fit.exponent if layer_plan.fit else None,
                     error=layer_plan.fit.error if layer_plan.fit else None,
                     uniform_error=layer_plan.fit.uniform_error if layer_plan.fit else None,
-                    input_quantizer=quantizer.name if quantizer.reason is None else None,
-                    input_bits=quantizer.bits if quantizer.reason is None else None,
+                    input_quantizer=quantizer.name if input_quantized else None,
+                    input_bits=quantizer.bits if input_quantized else None,
                     folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
                 )
             )
