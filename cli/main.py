@@ -18,6 +18,7 @@ from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import existing_versions
 from keras_powerquant.export import export_model
 from keras_powerquant.export import KERAS_NAME
@@ -175,10 +176,13 @@ def _format_bytes(count):
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
+@click.option("--decode-weights", type=click.Choice(DECODE_WEIGHTS), default="load", show_default=True,
+              help="When the SavedModel decodes its weight codes: once at load (float kernels in serving "
+              "memory, float speed) or on every call (codes only in memory). The files hold codes either way.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
-            quantize_first_last, fast_activations, version, output_format, overwrite, as_json):
+            quantize_first_last, fast_activations, version, output_format, overwrite, decode_weights, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
@@ -221,6 +225,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         report=report,
         float_model=original,
         overwrite=overwrite,
+        decode_weights=decode_weights,
     )
     with open(result.report_path, encoding="utf-8") as file:
         metadata = json.load(file)
@@ -244,7 +249,15 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     for label, path in (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path)):
         if path:
             click.echo(f"{label}: {path}")
+    if result.saved_model_dir:
+        click.echo(f"Serving: {_DECODING[decode_weights]}")
     click.echo(f"Done in {elapsed:.1f} s.")
+
+
+_DECODING = {
+    "load": "weight codes decoded once when the SavedModel loads (float kernels in memory)",
+    "call": "weight codes decoded on every call (codes only in memory)",
+}
 
 
 def _converted_layers_table(loaded):
@@ -321,6 +334,8 @@ def _inspect_export(folder, as_json):
             f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
+    if "serving" in metadata:
+        click.echo(f"Serving: {_DECODING[metadata['serving']['decode_weights']]}")
     click.echo("Versions: " + ", ".join(f"{k} {v}" for k, v in metadata.get("versions", {}).items()))
 
 

@@ -29,11 +29,17 @@ import numpy as np
 import tensorflow as tf
 
 from keras_powerquant.errors import ExportError
+from keras_powerquant.layers import QuantizedKernelLayer
+from keras_powerquant.layers.load_time_decoding import decoded_kernels
+from keras_powerquant.layers.load_time_decoding import DecodedKernel
 
 SERVING_SIGNATURE = "serving_default"
 REPORT_NAME = "kpq-report-{version}.json"
 KERAS_NAME = "kpq-model-{version}.keras"
 FORMATS = ("savedmodel", "keras", "both")
+# When the SavedModel decodes its weight codes: once when loaded (a float
+# kernel in memory, a float model's call cost) or on every call.
+DECODE_WEIGHTS = ("load", "call")
 _TEMP_PREFIX = ".kpq-tmp-"
 
 
@@ -62,11 +68,18 @@ class _ServingModule(tf.Module):
     `tf.Variable`s the traced function captures, so TensorFlow stores every
     weight twice (keras-team/keras#23553). Tracking only the raw variables
     avoids that: the checkpoint holds each weight once.
+
+    With `decode_weights="load"`, each quantized layer's kernel is read from
+    a `DecodedKernel`, filled from its codes when the SavedModel is loaded.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, decode_weights="load"):
         super().__init__(name="kpq_serving")
         self.model_variables = [_raw_variable(v) for v in model.variables]
+        layers = model._flatten_layers(include_self=False, recursive=True)
+        self.decoded_kernels = [
+            DecodedKernel(layer) for layer in layers if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
+        ]
         input_names = [t.name for t in model.inputs]
         output_names = list(model.output_names)
         input_dtypes = [t.dtype for t in model.inputs]
@@ -78,7 +91,8 @@ class _ServingModule(tf.Module):
         @tf.function(input_signature=specs)
         def serve(*inputs):
             cast = [tf.cast(x, dtype) for x, dtype in zip(inputs, input_dtypes)]
-            outputs = model(keras.tree.pack_sequence_as(input_struct, cast), training=False)
+            with decoded_kernels(self.decoded_kernels):
+                outputs = model(keras.tree.pack_sequence_as(input_struct, cast), training=False)
             flat = keras.tree.flatten(outputs)
             return {name: tf.cast(y, tf.float32) for name, y in zip(output_names, flat)}
 
@@ -99,14 +113,18 @@ def directory_bytes(path):
     )
 
 
-def save_serving_model(model, path):
+def save_serving_model(model, path, decode_weights="load"):
     """Writes `model` as a TF Serving SavedModel at `path` (which must not exist).
 
     The SavedModel has tag "serve" and one signature, `serving_default`
     (method tensorflow/serving/predict), whose input keys are the model's
     input names and output keys its output names, float32 in and out.
+    Quantized kernels are stored as codes and decoded when the SavedModel
+    is loaded (`decode_weights="load"`) or on every call ("call").
     """
-    module = _ServingModule(model)
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
+    module = _ServingModule(model, decode_weights)
     tf.saved_model.save(
         module, path, signatures={SERVING_SIGNATURE: module.serve.get_concrete_function()}
     )
@@ -142,10 +160,11 @@ def _check_target(export_dir, version):
         raise ExportError(f"The version must be an integer >= 1; got {version!r}.")
 
 
-def _metadata(model, report, sizes):
+def _metadata(model, report, sizes, decode_weights):
     return {
         "report": report.to_dict() if report is not None else None,
         "sizes": sizes,
+        "serving": {"decode_weights": decode_weights},
         "signature": {
             "name": SERVING_SIGNATURE,
             "inputs": {t.name: list(t.shape) for t in model.inputs},
@@ -175,6 +194,7 @@ def export_model(
     report=None,
     float_model=None,
     overwrite=False,
+    decode_weights="load",
 ):
     """Exports a (converted) Keras model into a TF Serving export folder.
 
@@ -189,6 +209,11 @@ def export_model(
         float_model: the original float model, to record sizes against.
         overwrite: replace an existing version, all its artifacts (an old
             SavedModel or .keras file not rewritten now is removed).
+        decode_weights: "load" (default): the SavedModel decodes its weight
+            codes once, when it is loaded, and then serves at the cost of a
+            float model, holding float kernels in memory beside the codes;
+            "call": it decodes them on every call (a gather and a scale per
+            layer), holding only the codes. The files store codes either way.
 
     Returns:
         An `ExportResult`.
@@ -199,6 +224,8 @@ def export_model(
     """
     if formats not in FORMATS:
         raise ExportError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
     export_dir = os.path.abspath(os.fspath(export_dir))
     if version is None:
         version = next_version(export_dir)
@@ -227,14 +254,14 @@ def export_model(
             sizes["float_variable_bytes"] = variable_bytes(float_model)
             sizes["variable_ratio"] = sizes["variable_bytes"] / sizes["float_variable_bytes"]
         if "savedmodel" in staged:
-            save_serving_model(model, staged["savedmodel"])
+            save_serving_model(model, staged["savedmodel"], decode_weights)
             sizes["saved_model_variables_dir_bytes"] = directory_bytes(
                 os.path.join(staged["savedmodel"], "variables")
             )
         if "keras" in staged:
             model.save(staged["keras"])
         with open(staged["report"], "w", encoding="utf-8") as file:
-            json.dump(_metadata(model, report, sizes), file, indent=2)
+            json.dump(_metadata(model, report, sizes, decode_weights), file, indent=2)
         if overwrite:
             _retire_other_artifacts(export_dir, version, targets, staging)
         _move_into_place(staged, targets)

@@ -35,7 +35,7 @@ class _PowerQuantConv2DBase(QuantizedKernelLayer):
             raise ValueError(f"`data_format` must be channels_last or channels_first; got {data_format!r}.")
 
     def call(self, inputs):
-        return self._finish(self._convolve(inputs, self.dequantized_kernel()))
+        return self._finish(self._convolve(inputs, self.call_kernel()))
 
     def _input_channels(self, input_shape):
         return input_shape[-1] if self.data_format == "channels_last" else input_shape[1]
