@@ -170,8 +170,9 @@ def _format_bytes(count):
 @click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
               help="One exponent per layer, or one shared by all layers.")
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
-@click.option("--fast-activations", is_flag=True,
-              help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
+@click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
+              help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
+              "inference), or fitted anywhere (two exp/log pairs per activation).")
 @click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="SavedModel version folder, .keras file beside it, or both.")

@@ -102,9 +102,11 @@ def test_saved_model_serves_without_keras_powerquant(resnet8_export, resnet8_w4,
 def test_every_serving_op_has_a_gpu_kernel(resnet8_export):
     nodes, at_load = serving_nodes(resnet8_export.saved_model_dir), load_nodes(resnet8_export.saved_model_dir)
     ops = {node.op for node in nodes}
-    # Activations: FakeQuant in the power domain; kernels: decoded by a gather
-    # when the SavedModel is loaded, read on each call. No Pow, no Python.
-    assert {"FakeQuantWithMinMaxArgs", "Exp", "Log", "ReadVariableOp"} <= ops and "GatherV2" not in ops
+    # Activations (default exponents 1, 1/2, 1/4): FakeQuant between square
+    # roots and squares; kernels: decoded by a gather when the SavedModel is
+    # loaded, read on each call. No exp/log, no Pow, no Python.
+    assert {"FakeQuantWithMinMaxArgs", "Sqrt", "Square", "ReadVariableOp"} <= ops
+    assert not ops & {"GatherV2", "Exp", "Log"}
     assert {"GatherV2", "AssignVariableOp"} <= {node.op for node in at_load}
     assert not (ops | {node.op for node in at_load}) & {"Pow", "EagerPyFunc", "PyFunc", "PyFuncStateless"}
     assert nodes_without_gpu_kernel(nodes + at_load) == []

@@ -14,6 +14,9 @@ from keras_powerquant.layers import QuantizedKernelLayer
 from tests import models
 from tests.cli_helpers import assert_one_line_error
 from tests.cli_helpers import invoke
+from tests.serving_graph import load_nodes
+from tests.serving_graph import nodes_without_gpu_kernel
+from tests.serving_graph import serving_nodes
 from tests.test_export import _serve_in_fresh_process
 
 
@@ -75,6 +78,10 @@ def test_export_serves_the_same_outputs_in_a_fresh_process(weight_only, resnet_s
     assert np.max(np.abs(served["classifier"] - expected)) <= 1e-5
     with open(result.report_path, encoding="utf-8") as file:
         assert json.load(file)["sizes"]["variable_ratio"] < 0.5
+    # The serving graph: float ops on decoded kernels, no quantizer; every op has a GPU kernel.
+    nodes = serving_nodes(result.saved_model_dir) + load_nodes(result.saved_model_dir)
+    assert not {"FakeQuantWithMinMaxArgs", "Sqrt", "Exp"} & {node.op for node in nodes}
+    assert nodes_without_gpu_kernel(nodes) == []
 
 
 def test_callback_exports_weight_only(tmp_path):

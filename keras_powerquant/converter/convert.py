@@ -152,7 +152,7 @@ def convert(
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     quantize_first_last=False,
     first_last_bits=8,
-    fast_activations=False,
+    fast_activations=True,
     calibration_batch_size=DEFAULT_BATCH_SIZE,
     calibration_steps=None,
     progress=None,
@@ -189,11 +189,14 @@ def convert(
         quantize_first_last: quantize the first and last quantized layers
             at `wbits`/`abits` rather than `first_last_bits`.
         first_last_bits: bit width of the first and last layers otherwise.
-        fast_activations: choose each activation exponent among 1, 1/2 and
-            1/4 instead of the whole interval. Those powers are square roots
-            and squares, so quantized activations cost about as much as
-            uniform ones at inference instead of two exp/log pairs; weight
-            exponents are fitted as usual.
+        fast_activations: True (default): choose each activation exponent
+            among 1, 1/2 and 1/4. Those powers are square roots and
+            squares, so quantized activations cost about as much as uniform
+            ones at inference, with the accuracy of the continuous fit
+            within noise (benchmarks/RESULTS.md). False: fit it anywhere in
+            `exponent_bounds`, at the cost of two exp/log pairs per
+            activation at inference. Weight exponents are fitted on the
+            whole interval either way (their decode costs nothing per call).
         calibration_batch_size: batch size for in-memory calibration arrays.
         calibration_steps: use at most this many calibration batches.
         progress: optional callback `progress(stage, done, total)`.
@@ -291,7 +294,13 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         quantizer.rule = stats[quantizer.key].rule
         if stats[quantizer.key].sampler is None:
             quantizer.reason = "no data-free statistics; needs calibration data"
-    options = {"method": "inspect", "wbits": wbits, "abits": abits, "quantize_first_last": quantize_first_last}
+    options = {
+        "method": "inspect",
+        "wbits": wbits,
+        "abits": abits,
+        "quantize_first_last": quantize_first_last,
+        "fast_activations": True,  # what `convert` does by default
+    }
     return _report(graph, plan, folds, unfolded, options, notes, {})
 
 
