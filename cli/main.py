@@ -305,7 +305,11 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
             click.echo(f"  {row['layer']:<32} {row['class']:<26} {details}")
         return
     report = kpq.inspect_model(loaded, wbits, abits, quantize_first_last)
-    click.echo(report.to_json() if as_json else report.summary())
+    if as_json:
+        click.echo(report.to_json())
+        return
+    click.echo(report.summary())
+    click.echo(f"Export (kpq convert): {_DECODING['load']}; --decode-weights call decodes on every call.")
 
 
 def _inspect_export(folder, as_json):

@@ -214,5 +214,8 @@ def _activation_exponent_line(options):
 def _options_line(options):
     keys = ("method", "wbits", "abits", "scope", "fast_activations", "calibrated")
     # abits None is weight-only quantization: activations stay float.
-    shown = {**options, "abits": "float"} if options.get("abits", 0) is None else options
+    shown = options
+    if options.get("abits", 0) is None:
+        shown = {k: v for k, v in options.items() if k != "fast_activations"}
+        shown["abits"] = "float"
     return ", ".join(f"{k}={shown[k]}" for k in keys if k in shown)

@@ -171,6 +171,10 @@ def test_cli_decode_weights_option_and_inspect(tmp_path):
         assert inspected.exit_code == 0, inspected.output
         expected = "decoded on every call" if mode == "call" else "decoded once when the SavedModel loads"
         assert f"Serving: weight codes {expected}" in inspected.stdout
+    dry_run = invoke("inspect", path)
+    assert dry_run.exit_code == 0, dry_run.output
+    assert "Export (kpq convert): weight codes decoded once when the SavedModel loads" in dry_run.stdout
+    assert "Activation exponents: among 1, 1/2, 1/4" in dry_run.stdout
     bad = invoke("convert", path, "-o", tmp_path / "bad", "--decode-weights", "never")
     assert bad.exit_code == 2 and "--decode-weights" in bad.stderr
     assert not os.path.exists(tmp_path / "bad")

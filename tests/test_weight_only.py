@@ -104,6 +104,7 @@ def test_cli_abits_float(tmp_path):
     inspected = invoke("inspect", path, "--abits", "float")
     assert inspected.exit_code == 0, inspected.output
     assert "abits=float" in inspected.stdout and "4-bit" not in inspected.stdout
+    assert "fast_activations" not in inspected.stdout and "Activation exponents" not in inspected.stdout
 
 
 @pytest.mark.parametrize("value", ["half", "1", "9", "float32", ""])
