@@ -57,7 +57,7 @@ BUDGET_SECONDS = {False: 20.0, True: 4.0}
 MIN_ITERATIONS = 15
 MAX_ITERATIONS = {False: 400, True: 100}
 # A batch is skipped when one float call takes longer than this.
-MAX_CALL_SECONDS = 1.0
+MAX_CALL_SECONDS = 5.0
 GOAL_FLOAT, GOAL_FOLDED = 1.00, 1.10
 
 

@@ -149,7 +149,7 @@ def main():
     with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as file:
         file.write(_results_markdown(results))
         file.write(f"_Total: {results['total_seconds'] / 60:.1f} min._\n")
-    print(f"[{results['total_seconds']:6.0f} s] wrote {out}/results.json, RESULTS.md and plots/", file=sys.stderr)
+    print(f"[{time.perf_counter() - started:6.0f} s] wrote {out}/results.json, RESULTS.md and plots/", file=sys.stderr)
 
 
 if __name__ == "__main__":
