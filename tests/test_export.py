@@ -149,11 +149,15 @@ def test_converted_model_with_signed_inputs_has_gpu_kernels(tmp_path):
     outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(h))
     model = keras.Model(inputs, outputs)
     calibration = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
-    quantized, report = kpq.convert(model, 4, 4, calibration_data=calibration, quantize_first_last=True)
-    assert any(a.signed for a in report.activations) and any(not a.signed for a in report.activations)
-    nodes = serving_nodes(export_model(quantized, tmp_path, 1).saved_model_dir)
-    assert {"Sign", "Abs"} <= {node.op for node in nodes}
-    assert nodes_without_gpu_kernel(nodes) == []
+    # The default exponents (1, 1/2, 1/4) and continuous ones (Sign, Abs, exp/log).
+    for fast, expected_ops in ((True, {"FakeQuantWithMinMaxArgs"}), (False, {"Sign", "Abs", "Exp", "Log"})):
+        quantized, report = kpq.convert(
+            model, 4, 4, calibration_data=calibration, quantize_first_last=True, fast_activations=fast
+        )
+        assert any(a.signed for a in report.activations) and any(not a.signed for a in report.activations)
+        nodes = serving_nodes(export_model(quantized, tmp_path / str(fast), 1).saved_model_dir)
+        assert expected_ops <= {node.op for node in nodes}
+        assert nodes_without_gpu_kernel(nodes) == []
 
 
 def test_gpu_kernel_check_flags_cpu_only_ops(tmp_path):
