@@ -15,14 +15,17 @@ import click
 
 import keras_powerquant as kpq
 from keras_powerquant.errors import CalibrationDataError
+from keras_powerquant.errors import EvaluationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
 from keras_powerquant.export import DECODE_WEIGHTS
+from keras_powerquant.export import check_export_dir
+from keras_powerquant.export import check_exportable
+from keras_powerquant.export import check_version
 from keras_powerquant.export import existing_versions
 from keras_powerquant.export import export_model
-from keras_powerquant.export import KERAS_NAME
-from keras_powerquant.export import REPORT_NAME
+from keras_powerquant.export import REPORT_FILE
 from keras_powerquant.quantization.validation import MAX_BITS
 from keras_powerquant.quantization.validation import MIN_BITS
 
@@ -131,13 +134,19 @@ def _load_calibration(path, key):
     return data[key]
 
 
-def _planned_paths(out, version, output_format):
-    paths = [REPORT_NAME.format(version=version)]
-    if output_format in ("savedmodel", "both"):
-        paths.append(str(version))
-    if output_format in ("keras", "both"):
-        paths.append(KERAS_NAME.format(version=version))
-    return [os.path.join(out, p) for p in paths]
+class _VersionType(click.ParamType):
+    """A version number (1 to TF Serving's int64 maximum), or "next"."""
+
+    name = "N|next"
+
+    def convert(self, value, param, context):
+        if isinstance(value, int) or value == "next":
+            return value
+        try:
+            return check_version(int(value))
+        except (ValueError, ExportError) as exc:
+            detail = str(exc) if isinstance(exc, ExportError) else f"{value!r} is not an integer or 'next'."
+            self.fail(detail, param, context)
 
 
 def _format_bytes(count):
@@ -173,9 +182,10 @@ def _format_bytes(count):
 @click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
               help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
               "inference), or fitted anywhere (two exp/log pairs per activation).")
-@click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
+@click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
+              help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
-              show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
+              show_default=True, help="In the version folder: a SavedModel, a .keras file, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
 @click.option("--decode-weights", type=click.Choice(DECODE_WEIGHTS), default="load", show_default=True,
               help="When the SavedModel decodes its weight codes: once at load (float kernels in serving "
@@ -186,23 +196,28 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
             quantize_first_last, fast_activations, version, output_format, overwrite, decode_weights, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
-    Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
-    OUT/kpq-report-<version>.json; with --format keras/both also
-    OUT/kpq-model-<version>.keras. Nothing is written if anything fails, and
-    an existing version is kept unless --overwrite is given.
+    Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
+    weights and kpq-report.json; with --format keras/both also
+    kpq-model.keras. The version appears whole or not at all, even if the
+    run fails or is killed; an existing version is kept unless --overwrite
+    is given, and replaced as a whole if it is.
     """
     started = time.perf_counter()
     progress = _Progress()
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"Output path '{out}' exists and is not a folder.")
-    clashes = [p for p in _planned_paths(out, version, output_format) if os.path.exists(p)]
-    if clashes and not overwrite:
+    if not out:
+        raise click.BadParameter("must not be empty.", param_hint="'-o' / '--output'")
+    if version == "next" and overwrite:
+        raise click.BadParameter("--overwrite needs the version to replace, not 'next'.", param_hint="'--version'")
+    version = None if version == "next" else version
+    check_export_dir(out)
+    if version is not None and os.path.lexists(os.path.join(out, str(version))) and not overwrite:
         raise ExportError(
-            f"Version {version} already exists in '{out}' ({', '.join(map(os.path.basename, clashes))}); "
-            "use --overwrite to replace it or --version to write another."
+            f"Version {version} already exists in '{out}'; "
+            "use --overwrite to replace it, or --version to write another (--version next: the next free one)."
         )
     progress.message(f"Loading {model}")
     original = kpq.load_model(model)
+    check_exportable(original, output_format)
     calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
     mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
@@ -217,7 +232,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         fast_activations=fast_activations,
         progress=progress,
     )
-    progress.message(f"Exporting version {version} to {out}")
+    progress.message(f"Exporting version {version or 'next'} to {out}")
     result = export_model(
         quantized,
         out,
@@ -314,23 +329,21 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
 
 def _inspect_export(folder, as_json):
     versions = existing_versions(folder)
-    base, version = folder, None
-    if not versions and os.path.basename(os.path.normpath(folder)).isdigit():
-        base = os.path.dirname(os.path.normpath(folder))
-        version = int(os.path.basename(os.path.normpath(folder)))
-    elif versions:
-        version = versions[-1]
-    report_path = os.path.join(base, REPORT_NAME.format(version=version)) if version else None
-    if report_path is None or not os.path.isfile(report_path):
+    if versions:
+        version_dir, version = os.path.join(folder, str(versions[-1])), versions[-1]
+    else:  # a version folder itself
+        version_dir, version = folder, os.path.basename(os.path.normpath(folder))
+    report_path = os.path.join(version_dir, REPORT_FILE)
+    if not os.path.isfile(report_path):
         raise ModelLoadError(
-            f"'{folder}' is neither a model nor a kpq export folder (no {REPORT_NAME.format(version='N')})."
+            f"'{folder}' is neither a model nor a kpq export folder (no <version>/{REPORT_FILE})."
         )
     with open(report_path, encoding="utf-8") as file:
         metadata = json.load(file)
     if as_json:
         click.echo(json.dumps(metadata, indent=2))
         return
-    click.echo(f"Export {base}, version {version} ({report_path})")
+    click.echo(f"Export {os.path.dirname(os.path.normpath(version_dir))}, version {version} ({report_path})")
     if metadata.get("report"):
         click.echo(kpq.ConversionReport.from_dict(metadata["report"]).summary())
     sizes = metadata.get("sizes", {})
@@ -341,23 +354,45 @@ def _inspect_export(folder, as_json):
         )
     if "serving" in metadata:
         click.echo(f"Serving: {_DECODING[metadata['serving']['decode_weights']]}")
+    signature = metadata.get("signature", {})
+    for key, name in signature.get("input_names", {}).items():
+        click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")
+    for key, name in signature.get("output_names", {}).items():
+        click.echo(f"Signature output '{key}': model output '{name}'")
     click.echo("Versions: " + ", ".join(f"{k} {v}" for k, v in metadata.get("versions", {}).items()))
+
+
+def _check_scale(context, param, value):
+    import math
+
+    if not math.isfinite(value) or value == 0:
+        raise click.BadParameter(f"must be a finite, non-zero number; got {value}.")
+    return value
 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help=".npz with images and labels.")
 @click.option("--x-key", default="x", show_default=True, help="Array of inputs in --data.")
-@click.option("--y-key", default="y", show_default=True, help="Array of integer labels in --data.")
-@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply inputs by this (e.g. 0.00392 for x/255).")
+@click.option("--y-key", default="y", show_default=True,
+              help="Array of labels in --data: class indices, or one-hot rows.")
+@click.option("--scale", type=float, default=1.0, show_default=True, callback=_check_scale,
+              help="Multiply inputs by this (e.g. 0.00392 for x/255); finite, non-zero.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per prediction batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @_handle_errors
 def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
-    """Top-1/top-5 accuracy of MODELS (.h5, .keras, SavedModel or export folders) on the same images."""
+    """Top-1/top-5 accuracy of MODELS (.h5, .keras, SavedModel or export folders) on the same images.
+
+    Labels are class indices or one-hot rows. The data, and every model
+    against them, are checked before any model runs.
+    """
     import numpy as np
 
+    from keras_powerquant.evaluation import check_images
+    from keras_powerquant.evaluation import check_predictor
+    from keras_powerquant.evaluation import class_labels
     from keras_powerquant.evaluation import load_predictor
     from keras_powerquant.evaluation import top_k_accuracy
 
@@ -374,13 +409,25 @@ def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
         x, y = arrays[x_key], arrays[y_key]
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Cannot read '{data}' as an .npz archive: {exc}") from exc
-    if len(x) != len(y):
-        raise CalibrationDataError(f"'{data}': {len(x)} inputs but {len(y)} labels.")
-    x = x.astype("float32") * np.float32(scale)
+    # The data, then every model against them, are checked before any model runs.
+    predictors = [load_predictor(path) for path in models]
+    try:
+        x = check_images(x)
+        labels, classes = class_labels(y, len(x))
+        with np.errstate(over="ignore"):
+            scaled = x * np.float32(scale)
+        try:
+            x = check_images(scaled)
+        except EvaluationDataError as exc:
+            raise EvaluationDataError(f"{exc} after --scale {scale}") from None
+        for predictor in predictors:
+            check_predictor(predictor, x.shape, labels, classes)
+    except EvaluationDataError as exc:
+        raise EvaluationDataError(f"'{data}': {exc}") from None
     results = []
-    for path in models:
-        click.echo(f"Evaluating {path}", err=True)
-        results.append({"model": path, **top_k_accuracy(load_predictor(path), x, y, batch_size)})
+    for predictor in predictors:
+        click.echo(f"Evaluating {predictor.source}", err=True)
+        results.append({"model": predictor.source, **top_k_accuracy(predictor, x, labels, batch_size)})
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
