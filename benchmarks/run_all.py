@@ -30,6 +30,7 @@ import conversion_time
 import demo_accuracy
 import inference_cost
 import sizes
+import synthetic_calibration
 import weight_error
 
 BENCHMARKS = {
@@ -40,6 +41,12 @@ BENCHMARKS = {
     "demo_accuracy": demo_accuracy,
     "sizes": sizes,
     "weight_error": weight_error,
+}
+# Benchmarks too long for every run: each writes benchmarks/<name>.json when run
+# alone (`python benchmarks/<name>.py --json benchmarks/<name>.json`), and
+# RESULTS.md shows its section from that file.
+STANDALONE = {
+    "synthetic_calibration": synthetic_calibration,
 }
 
 
@@ -99,6 +106,13 @@ def _results_markdown(results):
         ]
         for path in results["plots"][name]:
             lines += [f"![{name}]({path})", ""]
+    for name, module in STANDALONE.items():
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                lines += [module.markdown(json.load(file)), "",
+                          f"_{name}: from `python benchmarks/{name}.py --json benchmarks/{name}.json`, "
+                          "run on its own._", ""]
     return "\n".join(lines)
 
 
