@@ -1,4 +1,4 @@
-"""Synthetic calibration inputs generated from the model itself (METHOD section 7.1).
+"""Synthetic calibration inputs generated from the model itself (ZeroQ, retro-synthesis).
 
 Starting from seeded random inputs `X`, gradient descent on `X` alone (the
 model frozen, in inference mode) minimises
