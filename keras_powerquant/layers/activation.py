@@ -138,12 +138,11 @@ class PowerQuantActivation(keras.layers.Layer):
         roots = _square_roots(a)
         if quantizer.signed:
             magnitudes = tf.abs(values)
-        elif roots is None:
-            # Not tf.nn.relu: Grappler composes Relu+Log after an Add into one
-            # op and its remapper then fails with an error in the serving log.
-            magnitudes = tf.maximum(values, 0.0)
         else:
-            magnitudes = tf.nn.relu(values)  # fused with the Sqrt that follows
+            # Not tf.nn.relu: Grappler composes Relu+Log or Relu+Sqrt after an
+            # Add into one op and its remapper then fails with an error in the
+            # serving log.
+            magnitudes = tf.maximum(values, 0.0)
         if roots is None:
             powered = tf.exp(tf.math.log(magnitudes) * a)
         else:
