@@ -12,7 +12,7 @@ from tests.cli_helpers import save_small_model
 from tests.test_export import _serve_in_fresh_process
 
 # Small budgets keep each conversion to a few seconds.
-FAST = {"refine_evaluations": 30, "refine_samples": 48}
+FAST = {"refine_evaluations": 30, "refine_samples": 48, "rounding_iterations": 20}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,9 @@ def _weights(model):
 @pytest.mark.parametrize("method", ["powerquant", "uniform"])
 def test_each_step_does_not_increase_its_objective(resnet, method):
     model, x, labels = resnet
-    quantized, report = kpq.convert(
-        model, 4, 4, method, calibration_data=x, refine=["grid", "granularity", "lapq"], **FAST
-    )
-    assert [step["name"] for step in report.refinement] == ["grid", "granularity", "lapq"]
+    steps = ["grid", "granularity", "lapq", "rounding"]
+    quantized, report = kpq.convert(model, 4, 4, method, calibration_data=x, refine=steps, **FAST)
+    assert [step["name"] for step in report.refinement] == steps
     for step in report.refinement:
         assert step["loss_after"] <= step["loss_before"], step
         assert step["seconds"] > 0 and step["evaluations"] >= 1
@@ -87,11 +86,12 @@ def test_refine_false_and_no_op_refinement_keep_todays_model(resnet):
 
 def test_refinement_is_deterministic_and_the_result_serves_in_a_fresh_process(resnet, tmp_path):
     model, x, _ = resnet
-    runs = [kpq.convert(model, 4, 4, calibration_data=x, refine=True, **FAST) for _ in range(2)]
+    tiny = {"refine_evaluations": 10, "refine_samples": 24, "rounding_iterations": 5}
+    runs = [kpq.convert(model, 4, 4, calibration_data=x, refine=True, **tiny) for _ in range(2)]
     for a, b in zip(_weights(runs[0][0]), _weights(runs[1][0])):
         np.testing.assert_array_equal(a, b)
     quantized, report = runs[0]
-    assert [step["name"] for step in report.refinement] == ["grid", "granularity", "lapq"]
+    assert [step["name"] for step in report.refinement] == ["grid", "granularity", "lapq", "rounding"]
     result = kpq.export_model(quantized, tmp_path / "export", report=report, float_model=model)
     outputs = _serve_in_fresh_process(result.saved_model_dir, {"image": x[:8]}, tmp_path)
     np.testing.assert_allclose(next(iter(outputs.values())), _predict(quantized, x[:8]), atol=1e-5)

@@ -146,7 +146,7 @@ class ModelBuilder:
         activation = None if split else keras.activations.serialize(op.layer.activation)
         new = self._new_quantized_layer(plan, self.names(op.layer.name), activation)
         outputs = new(inputs)
-        new.set_float_weights(plan.kernel, plan.bias, plan.clip_fraction)
+        new.set_float_weights(plan.kernel, plan.bias, plan.clip_fraction, plan.rounding_up)
         if split:
             outputs = self._new_activation_layer(output_quantizer, self.names(output_quantizer.name))(outputs)
         return outputs

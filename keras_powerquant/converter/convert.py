@@ -162,6 +162,7 @@ def convert(
     mean_bits=None,
     refine_samples=refinement.DEFAULT_REFINE_SAMPLES,
     refine_evaluations=refinement.DEFAULT_MAX_EVALUATIONS,
+    rounding_iterations=refinement.ROUNDING_ITERATIONS,
     progress=None,
 ):
     """Converts a trained Keras model to PowerQuant.
@@ -203,12 +204,13 @@ def convert(
         calibration_steps: use at most this many calibration batches.
         refine: loss-aware refinement after the per-layer fit (needs
             `calibration_data`): True runs the recommended steps
-            ("grid", "granularity", "lapq"), a list runs the steps named.
-            "grid" picks `a*` or `a = 1` per layer and activation by the
-            network loss (never worse than uniform on it), "granularity"
-            per-tensor scales where they cost nothing, "lapq" LAPQ's joint
-            Powell search over clips and exponents. See
-            `keras_powerquant.refinement`.
+            ("grid", "granularity", "lapq", "rounding"), a list runs the
+            steps named. "grid" picks `a*` or `a = 1` per layer and
+            activation by the network loss (never worse than uniform on
+            it), "granularity" per-tensor scales where they cost nothing,
+            "lapq" LAPQ's joint Powell search over clips and exponents,
+            "rounding" learned rounding (AdaRound). See
+            `keras_powerquant.refinement` and docs/method.md §7.
         calibration_labels: integer class labels of the calibration
             samples, in their order: refinement then minimises the
             cross-entropy instead of the KL divergence to the float model.
@@ -223,6 +225,8 @@ def convert(
         refine_samples: calibration samples refinement evaluates on (a
             uniform random subsample, seed 0).
         refine_evaluations: evaluation budget of LAPQ's Powell search.
+        rounding_iterations: gradient steps per layer of the "rounding"
+            step (learned rounding, AdaRound-style).
         progress: optional callback `progress(stage, done, total)`.
 
     Returns:
@@ -290,7 +294,7 @@ def convert(
             graph, folds, plan, steps=steps, inputs=reservoir.inputs, labels=labels, samples=samples,
             method=method, per_channel=per_channel, exponent_bounds=exponent_bounds,
             fast_activations=fast_activations, budget=budget, max_evaluations=refine_evaluations,
-            progress=progress,
+            rounding_iterations=rounding_iterations, progress=progress,
         )
         seconds["refinement"] = time.perf_counter() - mark
 

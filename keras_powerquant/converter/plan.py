@@ -79,6 +79,8 @@ class LayerPlan:
         clip_fraction: the kernel scale as a fraction of `max |W|`.
         per_channel: per-channel (True) or per-tensor (False) scales; None
             follows `convert`'s `per_channel`.
+        rounding_up: learned rounding (boolean, kernel shape: round up from
+            the floor), or None to round to nearest.
     """
 
     op: object
@@ -92,6 +94,7 @@ class LayerPlan:
     fit: Optional[ExponentFit] = None
     clip_fraction: float = 1.0
     per_channel: Optional[bool] = None
+    rounding_up: object = None
 
     @property
     def layer(self):

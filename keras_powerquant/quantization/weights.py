@@ -82,15 +82,19 @@ class WeightQuantizer:
         scales = channel_scales(weights, channel_ndim if self.per_channel else 0)
         return scales if clip_fraction == 1.0 else (scales * np.float32(clip_fraction)).astype(np.float32)
 
-    def encode(self, weights, channel_ndim=1, clip_fraction=1.0):
+    def encode(self, weights, channel_ndim=1, clip_fraction=1.0, rounding_up=None):
         """Quantizes `weights` to integer codes.
 
         Args:
             weights: float array; see `scales` for `channel_ndim`.
             channel_ndim: number of trailing output-channel axes.
-            clip_fraction: weight clipping (METHOD 7.3): the scale is this
+            clip_fraction: weight clipping (docs/method.md §7): the scale is this
                 fraction of `max |W|`, in (0, 1]; larger magnitudes take the
                 largest code.
+            rounding_up: learned rounding (AdaRound): a boolean array of the
+                shape of `weights`; each code magnitude is then
+                `floor(m (|W| / s)^a)`, plus 1 where True (at most `m`),
+                instead of the nearest.
 
         Returns:
             `(codes, scales)`: int8 codes of the shape of `weights`, in
@@ -105,7 +109,11 @@ class WeightQuantizer:
         # All-zero channels keep a zero scale; dividing by 1 gives code 0.
         safe = np.where(scales > 0, scales, np.float32(1.0))
         normalized = np.abs(weights) / safe
-        magnitudes = np.searchsorted(self.magnitude_thresholds(), normalized, side="right")
+        if rounding_up is None:
+            magnitudes = np.searchsorted(self.magnitude_thresholds(), normalized, side="right")
+        else:
+            powered = self.max_code * np.minimum(normalized, np.float32(1.0)) ** np.float32(self.exponent)
+            magnitudes = np.minimum(np.floor(powered) + np.asarray(rounding_up, dtype=bool), self.max_code)
         codes = np.where(weights < 0, -magnitudes, magnitudes)
         return codes.astype(np.int8), scales
 

@@ -1,4 +1,4 @@
-"""Loss-aware refinement of a conversion plan on calibration data (METHOD 7.4, 7.6).
+"""Loss-aware refinement of a conversion plan on calibration data (docs/method.md §7).
 
 `convert(..., calibration_data=..., refine=...)` fits every layer alone
 first (PowerQuant's per-layer fit), then runs the refinement steps of
@@ -27,10 +27,12 @@ from keras_powerquant.refinement.steps import grid_step
 from keras_powerquant.refinement.steps import kernel_bytes
 from keras_powerquant.refinement.steps import lapq_step
 from keras_powerquant.refinement.steps import RefinementContext
+from keras_powerquant.refinement.steps import ROUNDING_ITERATIONS
+from keras_powerquant.refinement.steps import rounding_step
 
-STEPS = {"grid": grid_step, "granularity": granularity_step, "lapq": lapq_step}
+STEPS = {"grid": grid_step, "granularity": granularity_step, "lapq": lapq_step, "rounding": rounding_step}
 # What `refine=True` runs, in this order.
-RECOMMENDED_STEPS = ("grid", "granularity", "lapq")
+RECOMMENDED_STEPS = ("grid", "granularity", "lapq", "rounding")
 DEFAULT_MAX_EVALUATIONS = 400
 
 __all__ = ["check_refine_options", "InputReservoir", "refine_plan", "resolve_steps", "size_budget", "weight_bytes"]
@@ -147,6 +149,7 @@ def refine_plan(
     fast_activations,
     budget=None,
     max_evaluations=DEFAULT_MAX_EVALUATIONS,
+    rounding_iterations=ROUNDING_ITERATIONS,
     progress=None,
 ):
     """Runs the refinement steps on a fitted plan; returns `(plan, step reports)`.
@@ -164,6 +167,7 @@ def refine_plan(
         fast_activations: keep activation exponents in {1, 1/2, 1/4}.
         budget: mixed-precision budget from `size_budget`, or None.
         max_evaluations: LAPQ's Powell evaluation budget.
+        rounding_iterations: gradient steps per layer of learned rounding.
         progress: `progress(stage, done, total)` or None.
 
     Returns:
@@ -188,7 +192,10 @@ def refine_plan(
     settings = Settings.from_plan(plan, per_channel)
     reports = []
     run = [("bits", lambda c, s: bits_step(c, s, budget))] if budget is not None else []
-    run += [(name, STEPS[name]) for name in steps]
+    run += [
+        (name, (lambda c, s: rounding_step(c, s, rounding_iterations)) if name == "rounding" else STEPS[name])
+        for name in steps
+    ]
     for name, step in run:
         started, evaluations = time.perf_counter(), objective.evaluations
         settings, report = step(context, settings)
@@ -209,4 +216,4 @@ def subsample_labels(labels, reservoir):
     return np.asarray(labels[reservoir.positions])
 
 
-__all__ += ["DEFAULT_REFINE_SAMPLES", "subsample_labels"]
+__all__ += ["DEFAULT_REFINE_SAMPLES", "ROUNDING_ITERATIONS", "subsample_labels"]

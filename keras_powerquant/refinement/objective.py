@@ -14,6 +14,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant.refinement.tunable import FLOAT
+from keras_powerquant.refinement.tunable import HARD
+from keras_powerquant.refinement.tunable import NEAREST
 from keras_powerquant.refinement.tunable import TunableBuilder
 
 _EPSILON = 1e-7
@@ -89,17 +92,31 @@ class NetworkObjective:
             variable.assign(value)
             self._assigned[id(variable)] = value
 
-    def assign(self, settings):
+    def assign(self, settings, quantized=True):
+        """Sets the model's variables to `settings`; `quantized=False` makes it the float model."""
         for name, setting in settings.kernels.items():
             layer = self.kernel_layers[name]
             self._assign(layer.exponent, float(setting.exponent))
             self._assign(layer.clip_fraction, float(setting.clip_fraction))
             self._assign(layer.max_code, float(2 ** (setting.bits - 1) - 1))
             self._assign(layer.per_channel_flag, 1.0 if setting.per_channel else 0.0)
+            rounding_up = settings.rounding.get(name)
+            if rounding_up is not None:
+                # The array changes with the settings that hold it: compare by identity.
+                if self._assigned.get(id(layer.rounding)) is not rounding_up:
+                    layer.rounding.assign(np.where(rounding_up, 1.0, -1.0).astype(np.float32))
+                    self._assigned[id(layer.rounding)] = rounding_up
+            mode = FLOAT if not quantized else (HARD if rounding_up is not None else NEAREST)
+            self._assign(layer.rounding_mode, mode)
         for key, setting in settings.activations.items():
             layer = self.activation_layers[key]
             self._assign(layer.clip, float(setting.clip))
             self._assign(layer.exponent, float(setting.exponent))
+            self._assign(layer.enabled, 1.0 if quantized else 0.0)
+
+    def forget(self, variable):
+        """Marks a variable as changed outside `assign` (by an optimizer)."""
+        self._assigned.pop(id(variable), None)
 
     def __call__(self, settings):
         """The mean loss over the held inputs with `settings` applied."""

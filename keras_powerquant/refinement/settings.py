@@ -13,7 +13,7 @@ from keras_powerquant.quantization.search import minimize_exponent
 from keras_powerquant.quantization.search import SortedMagnitudes
 from keras_powerquant.quantization.weights import channel_scales
 
-# Weight clip fractions searched by the per-layer fits (METHOD 7.3).
+# Weight clip fractions searched by the per-layer fits (docs/method.md §7).
 MIN_CLIP_FRACTION = 0.2
 # Weights kept per layer for fits at p != 2, whose error costs O(n) per evaluation.
 _MAX_FIT_WEIGHTS = 1 << 16
@@ -46,14 +46,27 @@ class ActivationSetting:
 
 @dataclasses.dataclass
 class Settings:
-    """Every quantizer's setting: `kernels` by layer name, `activations` by tensor key."""
+    """Every quantizer's setting.
+
+    Attributes:
+        kernels: `KernelSetting` by layer name.
+        activations: `ActivationSetting` by tensor key.
+        rounding: learned rounding by layer name: a boolean array of the
+            kernel's shape, True where the code rounds up from
+            `floor(m (|W| / s)^a)`; layers absent round to nearest.
+    """
 
     kernels: dict
     activations: dict
+    rounding: dict = dataclasses.field(default_factory=dict)
 
-    def replace(self, kernels=None, activations=None):
-        """A copy with some settings replaced (`{name: KernelSetting}`, `{key: ActivationSetting}`)."""
-        return Settings({**self.kernels, **(kernels or {})}, {**self.activations, **(activations or {})})
+    def replace(self, kernels=None, activations=None, rounding=None):
+        """A copy with some settings replaced (dicts of `kernels`, `activations`, `rounding`)."""
+        return Settings(
+            {**self.kernels, **(kernels or {})},
+            {**self.activations, **(activations or {})},
+            {**self.rounding, **(rounding or {})},
+        )
 
     @classmethod
     def from_plan(cls, plan, per_channel):
@@ -151,6 +164,7 @@ def apply_settings(plan, settings, fitters, activation_models):
         layer_plan.weight_bits = setting.bits
         layer_plan.clip_fraction = setting.clip_fraction
         layer_plan.per_channel = setting.per_channel
+        layer_plan.rounding_up = settings.rounding.get(layer_plan.layer.name)
         layer_plan.fit = ExponentFit(setting.exponent, fitter.error(setting), fitter.error(uniform))
     for key, setting in settings.activations.items():
         quantizer = plan.quantizers[key]

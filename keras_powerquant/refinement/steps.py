@@ -8,13 +8,16 @@ increases its own objective on the calibration subsample.
   quantizer, the power grid `a*` or the uniform grid `a = 1`, chosen by the
   network loss. Greedy from the all-uniform model, so the result is never
   worse than uniform quantization on that loss.
-- `granularity` (METHOD 7.6, hybrid): per layer, per-tensor instead of
+- `granularity` (docs/method.md §7, hybrid): per layer, per-tensor instead of
   per-channel scales where that does not increase the loss.
-- `lapq` (METHOD 7.4, Nahshan et al.): weight clip fractions and
+- `lapq` (docs/method.md §7; Nahshan et al.): weight clip fractions and
   activation clips fitted per layer at several error norms `p`, `p` chosen
   on the network loss by a quadratic fit, then scipy's Powell over all clip
   values and exponents jointly.
-- `bits` (METHOD 7.6, mixed precision): bit widths 2..8 per layer by
+- `rounding` (AdaRound): per layer, learned up/down rounding of every
+  weight code, by TensorFlow gradients on the layer's output
+  reconstruction.
+- `bits` (docs/method.md §7, mixed precision): bit widths 2..8 per layer by
   measured loss sensitivity per byte, within a size budget.
 """
 
@@ -412,3 +415,103 @@ def bits_step(context, settings, budget):
     report.notes.append(f"{unit}: {total} of a budget of {limit}")
     report.loss_after = allocated_loss
     return allocated, report
+
+
+# AdaRound's schedule (Nagel et al. 2020): no regulariser for the first
+# fifth of the iterations, then beta annealed from 20 to 2.
+_ROUNDING_WARMUP = 0.2
+_BETA_RANGE = (20.0, 2.0)
+_ROUNDING_WEIGHT = 0.01
+ROUNDING_ITERATIONS = 200
+_ROUNDING_BATCH = 32
+
+
+def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
+    """Learned rounding (AdaRound), layer by layer.
+
+    For each quantized layer in graph order, with the layers before it
+    already rounded, minimises by gradient descent (Adam)
+
+        mean (layer(x) - layer_q(x_q))^2 + lambda sum (1 - |2 h(V) - 1|^beta) / n
+
+    over its rounding variables `V`, where `x` is the layer's input in the
+    float network and `x_q` in the quantized one. The codes then round up
+    where `V >= 0`. The step keeps the result only if the network loss does
+    not rise. Exponents stay as LAPQ left them: learning them jointly by
+    gradient (NUPES) moved `floor(m (|W|/s)^a)` under the rounding variables
+    and raised the loss in our trials.
+    """
+    from keras_powerquant.refinement.tunable import rectified_sigmoid
+    from keras_powerquant.refinement.tunable import rounding_logits
+    from keras_powerquant.refinement.tunable import SOFT
+    import keras
+    import tensorflow as tf
+
+    objective = context.objective
+    start_loss = objective(settings)
+    report = StepReport("rounding", start_loss, start_loss)
+    names = list(settings.kernels)
+    current = settings
+    for done, name in enumerate(names, start=1):
+        layer = objective.kernel_layers[name]
+        reader = keras.Model(objective.model.inputs, layer.input)
+        objective.assign(current, quantized=False)
+        float_inputs = [reader(_inputs(xs), training=False) for xs in objective.batches]
+        targets = [layer(x) for x in float_inputs]
+        objective.assign(current)
+        quantized_inputs = [reader(_inputs(xs), training=False) for xs in objective.batches]
+        powered = layer.powered_codes().numpy()
+        layer.rounding.assign(rounding_logits(powered - np.floor(powered)))
+        layer.rounding_mode.assign(SOFT)
+        objective.forget(layer.rounding)
+        objective.forget(layer.rounding_mode)
+        variables = [layer.rounding]
+        optimizer = keras.optimizers.Adam(learning_rate=1e-2)
+        x_q = tf.concat(quantized_inputs, 0)
+        target = tf.concat(targets, 0)
+        size = int(x_q.shape[0])
+
+        @tf.function
+        def train_step(x, y, beta, weight):
+            with tf.GradientTape() as tape:
+                error = tf.reduce_mean(tf.square(layer(x) - y))
+                h = rectified_sigmoid(layer.rounding)
+                regulariser = tf.reduce_mean(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), beta))
+                loss = error + weight * regulariser
+            gradients = tape.gradient(loss, [v.value for v in variables])
+            optimizer.apply_gradients(zip(gradients, variables))
+            return error
+
+        rng = np.random.default_rng(done)
+        warmup = int(iterations * _ROUNDING_WARMUP)
+        first_error = last_error = None
+        for step in range(iterations):
+            index = rng.choice(size, min(_ROUNDING_BATCH, size), replace=False)
+            progress = max(step - warmup, 0) / max(iterations - warmup, 1)
+            beta = _BETA_RANGE[0] + (_BETA_RANGE[1] - _BETA_RANGE[0]) * progress
+            weight = 0.0 if step < warmup else _ROUNDING_WEIGHT
+            error = float(train_step(tf.gather(x_q, index), tf.gather(target, index), tf.constant(beta), tf.constant(weight)))
+            first_error = error if first_error is None else first_error
+            last_error = error
+        rounding_up = layer.rounding.numpy() >= 0
+        current = current.replace(rounding={name: rounding_up})
+        report.decisions.append(
+            {
+                "name": name,
+                "reconstruction_error_first_batch": first_error,
+                "reconstruction_error_last_batch": last_error,
+                "rounded_up_fraction": float(rounding_up.mean()),
+            }
+        )
+        context.report_progress("refine: rounding", done, len(names))
+    final_loss = objective(current)
+    if final_loss > start_loss:
+        report.notes.append(f"learned rounding raised the network loss to {final_loss:.6g}: kept rounding to nearest")
+        objective(settings)
+        return settings, report
+    report.loss_after = final_loss
+    return current, report
+
+
+def _inputs(xs):
+    return xs if len(xs) > 1 else xs[0]

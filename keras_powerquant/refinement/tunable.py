@@ -19,6 +19,13 @@ when signed):
 
 These equal the exported layers' quantizers (`WeightQuantizer`,
 `ActivationQuantizer`) up to float32 rounding at decision thresholds.
+
+For learned rounding (AdaRound, Nagel et al. 2020) a kernel's `round` can
+be replaced by `floor(u) + h(V)`, with a per-weight variable `V` and the
+rectified sigmoid `h(V) = clip(1.2 sigmoid(V) - 0.1, 0, 1)` (`SOFT`), or
+by `floor(u) + [V >= 0]` once learned (`HARD`); `FLOAT` computes with the
+float kernel and a disabled activation quantizer passes values through, so
+the same model also gives the float network's intermediate values.
 """
 
 import numpy as np
@@ -32,6 +39,24 @@ from keras_powerquant.quantization.weights import channel_scales
 
 # Magnitudes below this are zero for the logarithm of the power-domain form.
 _TINY = 1e-30
+
+
+# Kernel rounding modes (the `rounding_mode` variable).
+NEAREST, SOFT, HARD, FLOAT = 0, 1, 2, 3
+_STRETCH = (-0.1, 1.1)
+
+
+def rectified_sigmoid(values):
+    """AdaRound's `h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`."""
+    low, high = _STRETCH
+    return tf.clip_by_value(tf.sigmoid(values) * (high - low) + low, 0.0, 1.0)
+
+
+def rounding_logits(fractions):
+    """`V` with `h(V) = fractions` (fractions strictly inside (0, 1) stay exact)."""
+    low, high = _STRETCH
+    p = np.clip((np.asarray(fractions, np.float64) - low) / (high - low), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p)).astype(np.float32)
 
 
 def _rounded(values):
@@ -66,8 +91,13 @@ class TunableKernelMixin:
         self.per_channel_flag = self.add_weight(
             name="per_channel", shape=(), initializer="ones", trainable=False
         )
+        self.rounding = self.add_weight(name="rounding", shape=shape, initializer="zeros", trainable=True)
+        self.rounding_mode = self.add_weight(
+            name="rounding_mode", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
 
-    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0):
+    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None):
+        # Learned rounding reaches this model through `NetworkObjective.assign`.
         kernel = np.asarray(kernel, dtype=np.float32)
         self.float_kernel.assign(kernel)
         self.channel_max.assign(channel_scales(kernel, self.channel_ndim))
@@ -76,15 +106,35 @@ class TunableKernelMixin:
         if self.use_bias:
             self.bias.assign(np.asarray(bias, dtype=np.float32))
 
+    def scale(self):
+        """The kernel scales `alpha * max|W|`, per channel or per tensor."""
+        flag = self.per_channel_flag
+        return (flag * self.channel_max + (1.0 - flag) * self.tensor_max) * self.clip_fraction
+
+    def powered_codes(self):
+        """`u = m min(|W| / s, 1)^a`, the codes before rounding."""
+        scale = self.scale()
+        safe = tf.where(scale > 0, scale, tf.ones_like(scale))
+        normalized = tf.minimum(tf.abs(self.float_kernel) / safe, 1.0)
+        # The floor keeps pow's gradient finite at 0.
+        return self.max_code * tf.pow(tf.maximum(normalized, _TINY), self.exponent)
+
     def dequantized_kernel(self):
         kernel = self.float_kernel
-        flag = self.per_channel_flag
-        scale = (flag * self.channel_max + (1.0 - flag) * self.tensor_max) * self.clip_fraction
-        safe = tf.where(scale > 0, scale, tf.ones_like(scale))
-        normalized = tf.minimum(tf.abs(kernel) / safe, 1.0)
-        codes = _rounded(self.max_code * tf.pow(normalized, self.exponent))
-        magnitudes = tf.pow(codes / self.max_code, 1.0 / self.exponent)
-        return tf.sign(kernel) * magnitudes * scale
+        powered = self.powered_codes()
+        top = self.max_code
+        codes = tf.switch_case(
+            tf.minimum(self.rounding_mode, HARD),
+            [
+                lambda: _rounded(powered),
+                lambda: tf.minimum(tf.floor(powered) + rectified_sigmoid(self.rounding), top),
+                lambda: tf.minimum(tf.floor(powered) + tf.cast(self.rounding >= 0, tf.float32), top),
+            ],
+        )
+        ratio = tf.maximum(codes / top, _TINY)
+        magnitudes = tf.where(codes > 0, tf.pow(ratio, 1.0 / self.exponent), 0.0)
+        quantized = tf.sign(kernel) * magnitudes * self.scale()
+        return tf.cond(tf.equal(self.rounding_mode, FLOAT), lambda: tf.identity(kernel), lambda: quantized)
 
 
 class TunableActivation(PowerQuantActivation):
@@ -94,11 +144,15 @@ class TunableActivation(PowerQuantActivation):
         super().__init__(**kwargs)
         self.clip = self.add_weight(name="clip", shape=(), initializer="ones", trainable=False)
         self.exponent = self.add_weight(name="exponent", shape=(), initializer="ones", trainable=False)
+        self.enabled = self.add_weight(name="enabled", shape=(), initializer="ones", trainable=False)
         self.clip.assign(self.quantizer.clip)
         self.exponent.assign(self.quantizer.exponent)
 
     def call(self, inputs):
         values = self.apply_activation(inputs)
+        return tf.cond(self.enabled > 0, lambda: self._quantized(values), lambda: tf.identity(values))
+
+    def _quantized(self, values):
         signed = self.quantizer.signed
         magnitudes = tf.abs(values) if signed else tf.maximum(values, 0.0)
         # Uniform on u = x^a in [0, c^a]; at a = 1 a single FakeQuant op.
