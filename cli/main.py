@@ -18,10 +18,12 @@ from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.export import check_export_dir
+from keras_powerquant.export import check_exportable
+from keras_powerquant.export import check_version
 from keras_powerquant.export import existing_versions
 from keras_powerquant.export import export_model
-from keras_powerquant.export import KERAS_NAME
-from keras_powerquant.export import REPORT_NAME
+from keras_powerquant.export import REPORT_FILE
 from keras_powerquant.quantization.validation import MAX_BITS
 from keras_powerquant.quantization.validation import MIN_BITS
 
@@ -150,13 +152,19 @@ def _refinement_options(refine, calibration, labels_path, target_size, mean_bits
     return options
 
 
-def _planned_paths(out, version, output_format):
-    paths = [REPORT_NAME.format(version=version)]
-    if output_format in ("savedmodel", "both"):
-        paths.append(str(version))
-    if output_format in ("keras", "both"):
-        paths.append(KERAS_NAME.format(version=version))
-    return [os.path.join(out, p) for p in paths]
+class _VersionType(click.ParamType):
+    """A version number (1 to TF Serving's int64 maximum), or "next"."""
+
+    name = "N|next"
+
+    def convert(self, value, param, context):
+        if isinstance(value, int) or value == "next":
+            return value
+        try:
+            return check_version(int(value))
+        except (ValueError, ExportError) as exc:
+            detail = str(exc) if isinstance(exc, ExportError) else f"{value!r} is not an integer or 'next'."
+            self.fail(detail, param, context)
 
 
 def _format_bytes(count):
@@ -209,9 +217,10 @@ def _format_bytes(count):
               help="Calibration samples refinement evaluates the network on.")
 @click.option("--refine-evaluations", type=click.IntRange(min=0), default=400, show_default=True,
               help="Network evaluations LAPQ's Powell search may spend.")
-@click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
+@click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
+              help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
-              show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
+              show_default=True, help="In the version folder: a SavedModel, a .keras file, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
@@ -220,20 +229,24 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
             refine_samples, refine_evaluations, version, output_format, overwrite, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
-    Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
-    OUT/kpq-report-<version>.json; with --format keras/both also
-    OUT/kpq-model-<version>.keras. Nothing is written if anything fails, and
-    an existing version is kept unless --overwrite is given.
+    Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
+    weights and kpq-report.json; with --format keras/both also
+    kpq-model.keras. The version appears whole or not at all, even if the
+    run fails or is killed; an existing version is kept unless --overwrite
+    is given, and replaced as a whole if it is.
     """
     started = time.perf_counter()
     progress = _Progress()
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"Output path '{out}' exists and is not a folder.")
-    clashes = [p for p in _planned_paths(out, version, output_format) if os.path.exists(p)]
-    if clashes and not overwrite:
+    if not out:
+        raise click.BadParameter("must not be empty.", param_hint="'-o' / '--output'")
+    if version == "next" and overwrite:
+        raise click.BadParameter("--overwrite needs the version to replace, not 'next'.", param_hint="'--version'")
+    version = None if version == "next" else version
+    check_export_dir(out)
+    if version is not None and os.path.lexists(os.path.join(out, str(version))) and not overwrite:
         raise ExportError(
-            f"Version {version} already exists in '{out}' ({', '.join(map(os.path.basename, clashes))}); "
-            "use --overwrite to replace it or --version to write another."
+            f"Version {version} already exists in '{out}'; "
+            "use --overwrite to replace it, or --version to write another (--version next: the next free one)."
         )
     calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
     refinement_options = _refinement_options(
@@ -241,6 +254,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     )
     progress.message(f"Loading {model}")
     original = kpq.load_model(model)
+    check_exportable(original, output_format)
     mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
     try:
@@ -260,7 +274,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         if isinstance(exc, PowerQuantError):
             raise
         raise click.UsageError(str(exc)) from None
-    progress.message(f"Exporting version {version} to {out}")
+    progress.message(f"Exporting version {version or 'next'} to {out}")
     result = export_model(
         quantized,
         out,
@@ -343,23 +357,21 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
 
 def _inspect_export(folder, as_json):
     versions = existing_versions(folder)
-    base, version = folder, None
-    if not versions and os.path.basename(os.path.normpath(folder)).isdigit():
-        base = os.path.dirname(os.path.normpath(folder))
-        version = int(os.path.basename(os.path.normpath(folder)))
-    elif versions:
-        version = versions[-1]
-    report_path = os.path.join(base, REPORT_NAME.format(version=version)) if version else None
-    if report_path is None or not os.path.isfile(report_path):
+    if versions:
+        version_dir, version = os.path.join(folder, str(versions[-1])), versions[-1]
+    else:  # a version folder itself
+        version_dir, version = folder, os.path.basename(os.path.normpath(folder))
+    report_path = os.path.join(version_dir, REPORT_FILE)
+    if not os.path.isfile(report_path):
         raise ModelLoadError(
-            f"'{folder}' is neither a model nor a kpq export folder (no {REPORT_NAME.format(version='N')})."
+            f"'{folder}' is neither a model nor a kpq export folder (no <version>/{REPORT_FILE})."
         )
     with open(report_path, encoding="utf-8") as file:
         metadata = json.load(file)
     if as_json:
         click.echo(json.dumps(metadata, indent=2))
         return
-    click.echo(f"Export {base}, version {version} ({report_path})")
+    click.echo(f"Export {os.path.dirname(os.path.normpath(version_dir))}, version {version} ({report_path})")
     if metadata.get("report"):
         click.echo(kpq.ConversionReport.from_dict(metadata["report"]).summary())
     sizes = metadata.get("sizes", {})
@@ -368,6 +380,11 @@ def _inspect_export(folder, as_json):
             f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
+    signature = metadata.get("signature", {})
+    for key, name in signature.get("input_names", {}).items():
+        click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")
+    for key, name in signature.get("output_names", {}).items():
+        click.echo(f"Signature output '{key}': model output '{name}'")
     click.echo("Versions: " + ", ".join(f"{k} {v}" for k, v in metadata.get("versions", {}).items()))
 
 
