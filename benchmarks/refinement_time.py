@@ -5,7 +5,8 @@ seeded; 25.6M parameters) at W4/A4 with 64 deterministic random calibration
 images, refinement on a subsample of `REFINE_SAMPLES` of them: the time of
 each refinement step, its number of network evaluations, and so the time of
 one evaluation. The loss values of a random-weight model mean nothing; only
-the times are reported. `--quick` measures the `grid` step alone.
+the times are reported. `--quick` measures the `grid` step alone. Learned
+rounding is not timed here.
 
 `python benchmarks/refinement_time.py [--quick] [--json benchmarks/refinement_time.json]`
 """
@@ -64,8 +65,9 @@ def markdown(result):
             f"{result['activation_quantizers']} activation quantizers; W4/A4, refinement on {result['refine_samples']} "
             f"random 224x224 images, LAPQ budget {result['lapq_evaluations']} evaluations. Whole `convert` "
             f"{result['convert_seconds']:.0f} s, of which refinement {result['stage_seconds'].get('refinement', 0):.0f} s. "
-            "Shared 2-core machine (other jobs running): upper bounds. Not measured on a GPU here (no GPU on the "
-            "development machines).",
+            "Shared 2-core machine (other jobs running): upper bounds. Learned rounding (the fourth step of "
+            "`refine=True`) is not part of this measurement, and nothing was measured on a GPU (none on the "
+            "development machines). An evaluation's time grows linearly with `refine_samples`.",
             "",
             common.markdown_table(["step", "evaluations", "seconds", "seconds per evaluation"], rows),
         ]
