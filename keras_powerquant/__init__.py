@@ -29,5 +29,7 @@ from keras_powerquant.layers import PowerQuantDense  # noqa: E402
 from keras_powerquant.layers import PowerQuantDepthwiseConv2D  # noqa: E402
 from keras_powerquant.loading import load_model  # noqa: E402
 from keras_powerquant.report import ConversionReport  # noqa: E402
+from keras_powerquant.synthesis import synthesize_inputs  # noqa: E402
+from keras_powerquant.synthesis import SyntheticData  # noqa: E402
 
 __version__ = "0.1.0"
