@@ -207,3 +207,12 @@ def test_weight_clip_fraction_scales_and_saturates_the_codes():
     assert abs(int(codes[0, 0])) > abs(int(full_codes[0, 0]))
     with pytest.raises(ValueError, match="clip_fraction"):
         quantizer.encode(weights, clip_fraction=1.5)
+
+
+def test_refinement_accepts_synthetic_calibration_data(resnet):
+    model, x, _ = resnet
+    synthetic = kpq.SyntheticData(num_samples=16, steps=3, input_range=(0.0, 1.0))
+    _, report = kpq.convert(model, 4, 4, calibration_data=synthetic, refine=["grid", "lapq"], **FAST)
+    assert report.options["synthetic"]["num_samples"] == 16
+    assert [step["name"] for step in report.refinement] == ["grid", "lapq"]
+    assert report.refinement[-1]["loss_after"] <= report.refinement[0]["loss_before"]
