@@ -19,6 +19,7 @@ from keras_powerquant.errors import EvaluationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import check_export_dir
 from keras_powerquant.export import check_exportable
 from keras_powerquant.export import check_version
@@ -31,6 +32,20 @@ from keras_powerquant.synthesis import DEFAULT_NUM_SAMPLES
 from keras_powerquant.synthesis import DEFAULT_STEPS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
+
+
+class _ActivationBits(click.ParamType):
+    """An activation bit width, or "float" (None) for weight-only quantization."""
+
+    name = "BITS|float"
+
+    def convert(self, value, param, context):
+        if value is None or (isinstance(value, str) and value.lower() == "float"):
+            return None
+        return BITS.convert(value, param, context)
+
+
+ACTIVATION_BITS = _ActivationBits()
 
 
 def _handle_errors(command):
@@ -188,7 +203,8 @@ def _format_bytes(count):
 @click.argument("model", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Export folder (TF Serving base path).")
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width.")
-@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width.")
+@click.option("--abits", type=ACTIVATION_BITS, default="4", show_default=True,
+              help="Activation bit width, or 'float' to quantize the weights only.")
 @click.option(
     "--method",
     type=click.Choice(["powerquant", "uniform"]),
@@ -210,8 +226,9 @@ def _format_bytes(count):
 @click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
               help="One exponent per layer, or one shared by all layers.")
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
-@click.option("--fast-activations", is_flag=True,
-              help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
+@click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
+              help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
+              "inference), or fitted anywhere (two exp/log pairs per activation).")
 @click.option(
     "--refine",
     is_flag=False,
@@ -236,11 +253,14 @@ def _format_bytes(count):
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="In the version folder: a SavedModel, a .keras file, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
+@click.option("--decode-weights", type=click.Choice(DECODE_WEIGHTS), default="load", show_default=True,
+              help="When the SavedModel decodes its weight codes: once at load (float kernels in serving "
+              "memory, float speed) or on every call (codes only in memory). The files hold codes either way.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
             scope, quantize_first_last, fast_activations, refine, calibration_labels, target_size, mean_bits,
-            refine_samples, refine_evaluations, version, output_format, overwrite, as_json):
+            refine_samples, refine_evaluations, version, output_format, overwrite, decode_weights, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -279,7 +299,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     else:
         calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
         mode = "calibrated" if calibration is not None else "data-free"
-    progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
+    progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
     try:
         quantized, report = kpq.convert(
             original,
@@ -306,6 +326,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         report=report,
         float_model=original,
         overwrite=overwrite,
+        decode_weights=decode_weights,
     )
     with open(result.report_path, encoding="utf-8") as file:
         metadata = json.load(file)
@@ -329,7 +350,15 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     for label, path in (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path)):
         if path:
             click.echo(f"{label}: {path}")
+    if result.saved_model_dir:
+        click.echo(f"Serving: {_DECODING[decode_weights]}")
     click.echo(f"Done in {elapsed:.1f} s.")
+
+
+_DECODING = {
+    "load": "weight codes decoded once when the SavedModel loads (float kernels in memory)",
+    "call": "weight codes decoded on every call (codes only in memory)",
+}
 
 
 def _converted_layers_table(loaded):
@@ -349,7 +378,8 @@ def _converted_layers_table(loaded):
 @main.command()
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width to plan for.")
-@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width to plan for.")
+@click.option("--abits", type=ACTIVATION_BITS, default="4", show_default=True,
+              help="Activation bit width to plan for, or 'float' (weights only).")
 @click.option("--quantize-first-last", is_flag=True, help="Plan the first and last layers at --wbits/--abits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @_handle_errors
@@ -375,7 +405,11 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
             click.echo(f"  {row['layer']:<32} {row['class']:<26} {details}")
         return
     report = kpq.inspect_model(loaded, wbits, abits, quantize_first_last)
-    click.echo(report.to_json() if as_json else report.summary())
+    if as_json:
+        click.echo(report.to_json())
+        return
+    click.echo(report.summary())
+    click.echo(f"Export (kpq convert): {_DECODING['load']}; --decode-weights call decodes on every call.")
 
 
 def _inspect_export(folder, as_json):
@@ -403,6 +437,8 @@ def _inspect_export(folder, as_json):
             f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
+    if "serving" in metadata:
+        click.echo(f"Serving: {_DECODING[metadata['serving']['decode_weights']]}")
     signature = metadata.get("signature", {})
     for key, name in signature.get("input_names", {}).items():
         click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")

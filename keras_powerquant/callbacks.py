@@ -7,6 +7,7 @@ import numpy as np
 
 from keras_powerquant.converter import convert
 from keras_powerquant.converter.convert import check_options
+from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
 
@@ -32,6 +33,7 @@ class PowerQuantExport(keras.callbacks.Callback):
             (accuracy, AUC, F1, IoU: "max"); a ValueError at the first
             epoch end when the direction is unknown (a custom metric).
         formats: "savedmodel", "keras" or "both" (see `export_model`).
+        decode_weights: "load" or "call" (see `export_model`).
         verbose: print where the export went.
         **convert_options: other keyword arguments of `convert`
             (calibration_data, scope, quantize_first_last, ...).
@@ -51,6 +53,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         monitor=None,
         mode="auto",
         formats="savedmodel",
+        decode_weights="load",
         verbose=1,
         **convert_options,
     ):
@@ -62,6 +65,8 @@ class PowerQuantExport(keras.callbacks.Callback):
         check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; got {mode!r}.")
         self.export_dir = export_dir
@@ -69,6 +74,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         self.monitor = monitor
         self.mode = mode
         self.formats = formats
+        self.decode_weights = decode_weights
         self.verbose = verbose
         self.convert_options = convert_options
         self.result = self.report = self.best_epoch = None
@@ -121,6 +127,7 @@ class PowerQuantExport(keras.callbacks.Callback):
                 self.export_dir,
                 None,
                 formats=self.formats,
+                decode_weights=self.decode_weights,
                 report=self.report,
                 float_model=self.model,
             )

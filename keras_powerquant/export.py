@@ -53,11 +53,17 @@ import numpy as np
 import tensorflow as tf
 
 from keras_powerquant.errors import ExportError
+from keras_powerquant.layers import QuantizedKernelLayer
+from keras_powerquant.layers.load_time_decoding import decoded_kernels
+from keras_powerquant.layers.load_time_decoding import DecodedKernel
 
 SERVING_SIGNATURE = "serving_default"
 REPORT_FILE = "kpq-report.json"
 KERAS_FILE = "kpq-model.keras"
 FORMATS = ("savedmodel", "keras", "both")
+# When the SavedModel decodes its weight codes: once when loaded (a float
+# kernel in memory, a float model's call cost) or on every call.
+DECODE_WEIGHTS = ("load", "call")
 # TF Serving's version numbers are int64.
 MAX_VERSION = 2**63 - 1
 _STAGING_PREFIX = ".kpq-tmp-"
@@ -127,11 +133,18 @@ class _ServingModule(tf.Module):
     `tf.Variable`s the traced function captures, so TensorFlow stores every
     weight twice (keras-team/keras#23553). Tracking only the raw variables
     avoids that: the checkpoint holds each weight once.
+
+    With `decode_weights="load"`, each quantized layer's kernel is read from
+    a `DecodedKernel`, filled from its codes when the SavedModel is loaded.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, decode_weights="load"):
         super().__init__(name="kpq_serving")
         self.model_variables = [_raw_variable(v) for v in model.variables]
+        layers = model._flatten_layers(include_self=False, recursive=True)
+        self.decoded_kernels = [
+            DecodedKernel(layer) for layer in layers if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
+        ]
         input_keys = signature_keys([t.name for t in model.inputs])
         output_keys = signature_keys(list(model.output_names))
         input_dtypes = [t.dtype for t in model.inputs]
@@ -141,7 +154,8 @@ class _ServingModule(tf.Module):
         @tf.function(input_signature=specs)
         def serve(*inputs):
             cast = [tf.cast(x, dtype) for x, dtype in zip(inputs, input_dtypes)]
-            outputs = model(keras.tree.pack_sequence_as(input_struct, cast), training=False)
+            with decoded_kernels(self.decoded_kernels):
+                outputs = model(keras.tree.pack_sequence_as(input_struct, cast), training=False)
             flat = keras.tree.flatten(outputs)
             return {key: tf.cast(y, tf.float32) for key, y in zip(output_keys, flat)}
 
@@ -162,15 +176,19 @@ def directory_bytes(path):
     )
 
 
-def save_serving_model(model, path):
+def save_serving_model(model, path, decode_weights="load"):
     """Writes `model` as a TF Serving SavedModel at `path` (a new or empty folder).
 
     The SavedModel has tag "serve" and one signature, `serving_default`
     (method tensorflow/serving/predict), float32 in and out. Its input and
     output keys are the model's input and output names, made valid where
-    needed by `signature_keys`.
+    needed by `signature_keys`. Quantized kernels are stored as codes and
+    decoded when the SavedModel is loaded (`decode_weights="load"`) or on
+    every call ("call").
     """
-    module = _ServingModule(model)
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
+    module = _ServingModule(model, decode_weights)
     tf.saved_model.save(
         module, path, signatures={SERVING_SIGNATURE: module.serve.get_concrete_function()}
     )
@@ -259,12 +277,13 @@ def check_exportable(model, formats="savedmodel"):
             )
 
 
-def _metadata(model, report, sizes):
+def _metadata(model, report, sizes, decode_weights):
     input_keys = signature_keys([t.name for t in model.inputs])
     output_keys = signature_keys(list(model.output_names))
     return {
         "report": report.to_dict() if report is not None else None,
         "sizes": sizes,
+        "serving": {"decode_weights": decode_weights},
         "signature": {
             "name": SERVING_SIGNATURE,
             "inputs": {key: list(t.shape) for key, t in zip(input_keys, model.inputs)},
@@ -296,6 +315,7 @@ def export_model(
     report=None,
     float_model=None,
     overwrite=False,
+    decode_weights="load",
 ):
     """Exports a (converted) Keras model as one version of a TF Serving export folder.
 
@@ -314,6 +334,11 @@ def export_model(
         report: the `ConversionReport` to record in the version.
         float_model: the original float model, to record sizes against.
         overwrite: replace an existing version as a whole.
+        decode_weights: "load" (default): the SavedModel decodes its weight
+            codes once, when it is loaded, and then serves at the cost of a
+            float model, holding float kernels in memory beside the codes;
+            "call": it decodes them on every call (a gather and a scale per
+            layer), holding only the codes. The files store codes either way.
 
     Returns:
         An `ExportResult`.
@@ -325,6 +350,8 @@ def export_model(
     """
     if formats not in FORMATS:
         raise ExportError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
     version = check_version(version)
     if overwrite and version is None:
         raise ExportError("overwrite=True needs the version to replace; got version=None (the next one).")
@@ -338,7 +365,7 @@ def export_model(
             remove_stale_staging(export_dir)
         staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_owner_tag()}-", dir=export_dir)
         try:
-            _write_version(model, staging, formats, report, float_model)
+            _write_version(model, staging, formats, report, float_model, decode_weights)
             with _folder_lock(export_dir):
                 version = _publish(staging, export_dir, version, overwrite)
         finally:
@@ -357,19 +384,19 @@ def export_model(
     )
 
 
-def _write_version(model, folder, formats, report, float_model):
+def _write_version(model, folder, formats, report, float_model, decode_weights):
     """Writes every artifact of a version into `folder`, the report last."""
     sizes = {"variable_bytes": variable_bytes(model)}
     if float_model is not None:
         sizes["float_variable_bytes"] = variable_bytes(float_model)
         sizes["variable_ratio"] = sizes["variable_bytes"] / sizes["float_variable_bytes"]
     if formats in ("savedmodel", "both"):
-        save_serving_model(model, folder)
+        save_serving_model(model, folder, decode_weights)
         sizes["saved_model_variables_dir_bytes"] = directory_bytes(os.path.join(folder, "variables"))
     if formats in ("keras", "both"):
         model.save(os.path.join(folder, KERAS_FILE))
     with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as file:
-        json.dump(_metadata(model, report, sizes), file, indent=2)
+        json.dump(_metadata(model, report, sizes, decode_weights), file, indent=2)
 
 
 def _exists_error(export_dir, version, meanwhile=False):
