@@ -51,7 +51,7 @@ def weight_tensors(draw):
 def test_exponent_one_clip_one_is_todays_quantizer(weights, bits, per_channel):
     channel_ndim = 1 if per_channel else 0
     quantizer = WeightQuantizer(bits, 1.0, per_channel)
-    codes, scales = quantizer.encode(weights, channel_ndim, clip=1.0)
+    codes, scales = quantizer.encode(weights, channel_ndim, clip_fraction=1.0)
     default_codes, default_scales = quantizer.encode(weights, channel_ndim)
     np.testing.assert_array_equal(codes, default_codes)
     np.testing.assert_array_equal(scales, default_scales)
@@ -71,7 +71,7 @@ def test_exponent_one_clip_one_is_todays_quantizer(weights, bits, per_channel):
 def test_clipped_codes_follow_the_formula(weights, bits, exponent, clip):
     channel_ndim = 1
     quantizer = WeightQuantizer(bits, exponent)
-    codes, scales = quantizer.encode(weights, channel_ndim, clip=clip)
+    codes, scales = quantizer.encode(weights, channel_ndim, clip_fraction=clip)
     leading = tuple(range(weights.ndim - 1))
     maxima = np.abs(weights).max(axis=leading) if leading else np.abs(weights)
     np.testing.assert_allclose(scales, maxima * clip, rtol=1e-6)
@@ -87,10 +87,10 @@ def test_per_channel_clip_fractions():
     weights = np.random.default_rng(0).standard_normal((3, 3, 4, 5)).astype(np.float32)
     clip = np.array([1.0, 0.5, 0.8, 0.25, 0.9])
     quantizer = WeightQuantizer(4, 0.7)
-    _, scales = quantizer.encode(weights, 1, clip=clip)
+    _, scales = quantizer.encode(weights, 1, clip_fraction=clip)
     np.testing.assert_allclose(scales, np.abs(weights).max(axis=(0, 1, 2)) * clip, rtol=1e-6)
     # The decoded kernel never exceeds the clipped scale of its channel.
-    decoded = quantizer.quantize(weights, 1, clip=clip)
+    decoded = quantizer.quantize(weights, 1, clip_fraction=clip)
     assert np.all(np.abs(decoded) <= scales * (1 + 1e-6))
 
 
@@ -98,7 +98,7 @@ def test_per_channel_clip_fractions():
 def test_invalid_clip_fractions_are_rejected(bad):
     weights = np.ones((4, 2), np.float32)
     with pytest.raises(ValueError, match=r"clip fraction must be in \(0, 1\]"):
-        WeightQuantizer(4).encode(weights, 1, clip=bad)
+        WeightQuantizer(4).encode(weights, 1, clip_fraction=bad)
 
 
 @SETTINGS
@@ -117,7 +117,7 @@ def test_fitted_clip_error_never_above_unclipped(weights, bits, p, per_channel):
     assert uniform.exponent == 1.0 and uniform.error <= uniform.uniform_error
     if p == 2.0:
         quantizer = WeightQuantizer(bits, clipped.exponent, per_channel)
-        decoded = quantizer.quantize(weights, 1, clip=clipped.clip)
+        decoded = quantizer.quantize(weights, 1, clip_fraction=clipped.clip)
         direct = float(np.sum((weights.astype(np.float64) - decoded) ** 2))
         total = float(np.sum(weights.astype(np.float64) ** 2))
         assert clipped.error == pytest.approx(direct, rel=1e-4, abs=1e-9 * total)

@@ -15,7 +15,7 @@ def check_clip(clip):
     """
     clip = np.asarray(clip, dtype=np.float64)
     if not np.all(np.isfinite(clip)) or np.any(clip <= 0) or np.any(clip > 1):
-        raise ValueError(f"The weight clip fraction must be in (0, 1]; got {clip.tolist()}.")
+        raise ValueError(f"The weight clip fraction `clip_fraction` must be in (0, 1]; got {clip.tolist()}.")
     return clip
 
 
@@ -91,22 +91,23 @@ class WeightQuantizer:
         levels = self.magnitude_levels()
         return np.concatenate([-levels[:0:-1], levels]).astype(np.float32)
 
-    def scales(self, weights, channel_ndim=1, clip=1.0):
+    def scales(self, weights, channel_ndim=1, clip_fraction=1.0):
         """Scales `s = alpha * max |W|` per channel (or per tensor); see `channel_scales`.
 
         Args:
             weights: float array.
             channel_ndim: number of trailing output-channel axes.
-            clip: the clip fraction `alpha` in `(0, 1]`: a scalar, or an
-                array broadcastable to the scales' shape.
+            clip_fraction: the clip fraction `alpha` in `(0, 1]` (weight
+                clipping, docs/method.md §7): a scalar, or an array
+                broadcastable to the scales' shape.
         """
         maxima = channel_scales(weights, channel_ndim if self.per_channel else 0)
-        clip = check_clip(clip)
-        if clip.ndim == 0 and clip == 1.0:
+        clip_fraction = check_clip(clip_fraction)
+        if clip_fraction.ndim == 0 and clip_fraction == 1.0:
             return maxima
-        return np.asarray(maxima * clip, dtype=np.float32)
+        return np.asarray(maxima * clip_fraction, dtype=np.float32)
 
-    def encode(self, weights, channel_ndim=1, clip=1.0):
+    def encode(self, weights, channel_ndim=1, clip_fraction=1.0, rounding_up=None):
         """Quantizes `weights` to integer codes.
 
         Magnitudes above the scale `s` (with `alpha < 1`) get the largest
@@ -115,7 +116,11 @@ class WeightQuantizer:
         Args:
             weights: float array; see `scales` for `channel_ndim`.
             channel_ndim: number of trailing output-channel axes.
-            clip: the clip fraction `alpha`; see `scales`.
+            clip_fraction: the clip fraction `alpha`; see `scales`.
+            rounding_up: learned rounding (AdaRound): a boolean array of the
+                shape of `weights`; each code magnitude is then
+                `floor(m (|W| / s)^a)`, plus 1 where True (at most `m`),
+                instead of the nearest.
 
         Returns:
             `(codes, scales)`: int8 codes of the shape of `weights`, in
@@ -124,11 +129,15 @@ class WeightQuantizer:
         weights = np.asarray(weights, dtype=np.float32)
         if not np.all(np.isfinite(weights)):
             raise ValueError("Cannot quantize weights that contain NaN or Inf.")
-        scales = self.scales(weights, channel_ndim, clip)
+        scales = self.scales(weights, channel_ndim, clip_fraction)
         # All-zero channels keep a zero scale; dividing by 1 gives code 0.
         safe = np.where(scales > 0, scales, np.float32(1.0))
         normalized = np.abs(weights) / safe
-        magnitudes = np.searchsorted(self.magnitude_thresholds(), normalized, side="right")
+        if rounding_up is None:
+            magnitudes = np.searchsorted(self.magnitude_thresholds(), normalized, side="right")
+        else:
+            powered = self.max_code * np.minimum(normalized, np.float32(1.0)) ** np.float32(self.exponent)
+            magnitudes = np.minimum(np.floor(powered) + np.asarray(rounding_up, dtype=bool), self.max_code)
         codes = np.where(weights < 0, -magnitudes, magnitudes)
         return codes.astype(np.int8), scales
 
@@ -138,9 +147,9 @@ class WeightQuantizer:
         table = self.decode_table()
         return table[codes.astype(np.int64) + self.max_code] * np.asarray(scales, dtype=np.float32)
 
-    def quantize(self, weights, channel_ndim=1, clip=1.0):
-        """Quantize-dequantize: `decode(encode(weights, channel_ndim, clip))`, float32."""
-        return self.decode(*self.encode(weights, channel_ndim, clip))
+    def quantize(self, weights, channel_ndim=1, clip_fraction=1.0):
+        """Quantize-dequantize: `decode(encode(weights, channel_ndim, clip_fraction))`, float32."""
+        return self.decode(*self.encode(weights, channel_ndim, clip_fraction))
 
     def get_config(self):
         return {"bits": self.bits, "exponent": self.exponent, "per_channel": self.per_channel}
