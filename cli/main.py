@@ -265,7 +265,6 @@ def _format_bytes(count):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
-def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
             scope, quantize_first_last, fast_activations, weight_clipping, bias_correction, refine, calibration_labels,
             target_size, mean_bits, refine_samples, refine_evaluations, version, output_format, overwrite,
             decode_weights, as_json):

@@ -97,7 +97,7 @@ def test_per_channel_clip_fractions():
 @pytest.mark.parametrize("bad", [0.0, -0.2, 1.5, np.nan, np.inf, [0.5, 0.0]])
 def test_invalid_clip_fractions_are_rejected(bad):
     weights = np.ones((4, 2), np.float32)
-    with pytest.raises(ValueError, match=r"clip fraction must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"clip fraction \(`clip_fraction`\) must be in \(0, 1\]"):
         WeightQuantizer(4).encode(weights, 1, clip_fraction=bad)
 
 

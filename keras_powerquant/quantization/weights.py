@@ -15,7 +15,7 @@ def check_clip(clip):
     """
     clip = np.asarray(clip, dtype=np.float64)
     if not np.all(np.isfinite(clip)) or np.any(clip <= 0) or np.any(clip > 1):
-        raise ValueError(f"The weight clip fraction `clip_fraction` must be in (0, 1]; got {clip.tolist()}.")
+        raise ValueError(f"The weight clip fraction (`clip_fraction`) must be in (0, 1]; got {clip.tolist()}.")
     return clip
 
 
