@@ -3,6 +3,10 @@
 Exit status: 0 on success, 2 on usage errors, 1 on any other error, which
 is reported in one line on stderr (`kpq --debug ...` shows the traceback).
 Progress goes to stderr; results (tables, `--json`) go to stdout.
+
+Only click and the package's plain-Python modules are imported here, so
+`kpq --help` answers at once; TensorFlow is imported when a command runs,
+without its start-up log lines unless `--verbose` or `--debug` is given.
 """
 
 import functools
@@ -14,32 +18,30 @@ import time
 import click
 
 import keras_powerquant as kpq
+from keras_powerquant.bit_widths import MAX_BITS
+from keras_powerquant.bit_widths import MIN_BITS
+from keras_powerquant.cli.startup import import_tensorflow
 from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
-from keras_powerquant.export import existing_versions
-from keras_powerquant.export import export_model
-from keras_powerquant.export import KERAS_NAME
-from keras_powerquant.export import REPORT_NAME
-from keras_powerquant.quantization.validation import MAX_BITS
-from keras_powerquant.quantization.validation import MIN_BITS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 
 
 def _handle_errors(command):
-    """Turns library errors into one-line messages and exit status 1."""
+    """Imports TensorFlow, then runs the command; library errors become one-line messages, exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        context = click.get_current_context()
+        options = click.get_current_context().obj or {}
         try:
+            import_tensorflow(show_logs=options.get("verbose") or options.get("debug"))
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-            if context.obj and context.obj.get("debug"):
+            if options.get("debug"):
                 raise
             # One line: the first of the message (`kpq --debug` shows it all).
             text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -81,9 +83,10 @@ class _Progress:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(kpq.__version__, prog_name="kpq")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors (and TensorFlow's log lines).")
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up log lines (hidden by default).")
 @click.pass_context
-def main(context, debug):
+def main(context, debug, verbose):
     """Post-training PowerQuant quantization for Keras models.
 
     \b
@@ -92,7 +95,7 @@ def main(context, debug):
       kpq convert model.h5 -o export/ --wbits 4 --abits 4
       kpq evaluate model.h5 export/ --data test.npz
     """
-    context.ensure_object(dict)["debug"] = debug
+    context.ensure_object(dict).update(debug=debug, verbose=verbose)
 
 
 def _load_calibration(path, key):
@@ -117,12 +120,24 @@ def _load_calibration(path, key):
 
 
 def _planned_paths(out, version, output_format):
+    from keras_powerquant.export import KERAS_NAME
+    from keras_powerquant.export import REPORT_NAME
+
     paths = [REPORT_NAME.format(version=version)]
     if output_format in ("savedmodel", "both"):
         paths.append(str(version))
     if output_format in ("keras", "both"):
         paths.append(KERAS_NAME.format(version=version))
     return [os.path.join(out, p) for p in paths]
+
+
+def _float_parts(report):
+    """One line per layer or activation the conversion left in float, with the reason."""
+    for layer in report.float_layers:
+        yield f"layer '{layer.name}' ({layer.class_name}) kept float: {layer.reason}"
+    for activation in report.activations:
+        if activation.status != "quantized":
+            yield f"activation '{activation.name}' kept float: {activation.reason}"
 
 
 def _format_bytes(count):
@@ -197,8 +212,10 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         fast_activations=fast_activations,
         progress=progress,
     )
+    for warning in _float_parts(report):
+        progress.message(f"Warning: {warning}")
     progress.message(f"Exporting version {version} to {out}")
-    result = export_model(
+    result = kpq.export_model(
         quantized,
         out,
         version,
@@ -279,6 +296,9 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
 
 
 def _inspect_export(folder, as_json):
+    from keras_powerquant.export import existing_versions
+    from keras_powerquant.export import REPORT_NAME
+
     versions = existing_versions(folder)
     base, version = folder, None
     if not versions and os.path.basename(os.path.normpath(folder)).isdigit():

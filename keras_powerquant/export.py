@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.errors import ExportError
 
 SERVING_SIGNATURE = "serving_default"
