@@ -124,6 +124,22 @@ CONV_VARIANTS = [
 ]
 
 
+def _runs_unequal_depthwise_strides():
+    """Whether this platform's TensorFlow runs a depthwise conv with strides (2, 1).
+
+    oneDNN's kernels (CPUs with AVX-512) do; TensorFlow's plain CPU kernels
+    refuse them, for `keras.layers.DepthwiseConv2D` and for our layer alike.
+    """
+    try:
+        tf.nn.depthwise_conv2d(tf.ones((1, 4, 4, 1)), tf.ones((1, 1, 1, 1)), (1, 2, 1, 1), "VALID")
+    except tf.errors.InvalidArgumentError:
+        return False
+    return True
+
+
+UNEQUAL_DEPTHWISE_STRIDES = _runs_unequal_depthwise_strides()
+
+
 def nhwc_to(x, data_format):
     return x if data_format == "channels_last" else np.transpose(x, (0, 3, 1, 2))
 
@@ -167,6 +183,8 @@ def test_depthwise_equals_depthwise_conv2d_with_quantized_kernel(
     bits, per_channel, use_bias, variant, depth_multiplier
 ):
     options = CONV_VARIANTS[variant]
+    if _unequal_strides(options) and not UNEQUAL_DEPTHWISE_STRIDES:
+        pytest.skip("this platform's DepthwiseConv2dNative kernel refuses unequal strides (float op probed)")
     rng = np.random.default_rng(hash_key((bits, per_channel, use_bias, variant, depth_multiplier)))
     layer = PowerQuantDepthwiseConv2D(
         depth_multiplier=depth_multiplier,
@@ -197,13 +215,32 @@ def test_depthwise_equals_depthwise_conv2d_with_quantized_kernel(
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
 
 
+def _unequal_strides(options):
+    strides = options.get("strides", 1)
+    return not isinstance(strides, int) and strides[0] != strides[1]
+
+
+@pytest.mark.skipif(UNEQUAL_DEPTHWISE_STRIDES, reason="this platform runs unequal depthwise strides")
+def test_unequal_depthwise_strides_fail_like_the_float_layer():
+    """Where TensorFlow cannot run them, our layer fails as Keras' own layer does."""
+    x = np.ones((1, 6, 6, 2), np.float32)
+    float_layer = keras.layers.DepthwiseConv2D(3, strides=(2, 1))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="equal length strides"):
+        float_layer(x)
+    layer = PowerQuantDepthwiseConv2D(3, strides=(2, 1))
+    build_with_weights(layer, (None, 6, 6, 2), np.random.default_rng(0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="equal length strides"):
+        layer(x)
+
+
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_channels_first(depthwise):
     rng = np.random.default_rng(7)
     if depthwise:
         layer = PowerQuantDepthwiseConv2D(3, depth_multiplier=2, data_format="channels_first")
     else:
-        layer = PowerQuantConv2D(4, 3, padding="same", data_format="channels_first")
+        # softmax reduces the last axis: it must see the channels_first output.
+        layer = PowerQuantConv2D(4, 3, padding="same", data_format="channels_first", activation="softmax")
     kernel, bias = build_with_weights(layer, (None, 3, 6, 5), rng)
     x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
     quantized = reference_kernel(layer, kernel)
@@ -213,6 +250,8 @@ def test_channels_first(depthwise):
     else:
         expected = tf.nn.conv2d(x_last, quantized, 1, "SAME")
     expected = np.transpose(expected.numpy() + bias, (0, 3, 1, 2))
+    if not depthwise:
+        expected = keras.ops.softmax(expected, axis=-1).numpy()
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -35,18 +35,19 @@ class _PowerQuantConv2DBase(QuantizedKernelLayer):
             raise ValueError(f"`data_format` must be channels_last or channels_first; got {data_format!r}.")
 
     def call(self, inputs):
-        return self._finish(self._convolve(inputs, self.dequantized_kernel()))
+        kernel = self.dequantized_kernel()
+        if self.data_format == "channels_last":
+            return self._finish(self._convolve(inputs, kernel))
+        # TensorFlow's plain CPU kernels (no oneDNN, e.g. CPUs without AVX-512)
+        # convolve NHWC only, so channels_first runs as an NHWC convolution
+        # between two transposes; on a GPU, Grappler's layout optimizer folds
+        # them into its native NCHW convolution. Bias and activation apply in
+        # the layer's own layout, as in `keras.layers.Conv2D`.
+        outputs = self._convolve(tf.transpose(inputs, (0, 2, 3, 1)), kernel)
+        return self._finish(tf.transpose(outputs, (0, 3, 1, 2)))
 
     def _input_channels(self, input_shape):
         return input_shape[-1] if self.data_format == "channels_last" else input_shape[1]
-
-    def _tf_data_format(self):
-        return "NHWC" if self.data_format == "channels_last" else "NCHW"
-
-    def _strides4(self):
-        if self.data_format == "channels_last":
-            return (1,) + self.strides + (1,)
-        return (1, 1) + self.strides
 
     def _bias_data_format(self):
         return "N...C" if self.data_format == "channels_last" else "NC..."
@@ -102,7 +103,6 @@ class PowerQuantConv2D(_PowerQuantConv2DBase):
             kernel,
             strides=self.strides,
             padding=self.padding.upper(),
-            data_format=self._tf_data_format(),
             dilations=self.dilation_rate,
         )
 
@@ -145,9 +145,8 @@ class PowerQuantDepthwiseConv2D(_PowerQuantConv2DBase):
         return tf.nn.depthwise_conv2d(
             inputs,
             kernel,
-            strides=self._strides4(),
+            strides=(1,) + self.strides + (1,),
             padding=self.padding.upper(),
-            data_format=self._tf_data_format(),
             dilations=self.dilation_rate,
         )
 
