@@ -18,8 +18,9 @@ import time
 import click
 
 import keras_powerquant as kpq
-from keras_powerquant.bit_widths import MAX_BITS
-from keras_powerquant.bit_widths import MIN_BITS
+from keras_powerquant.limits import MAX_BITS
+from keras_powerquant.limits import MAX_WARMUP_REQUESTS
+from keras_powerquant.limits import MIN_BITS
 from keras_powerquant.cli.startup import import_tensorflow
 from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import ExportError
@@ -175,10 +176,13 @@ def _format_bytes(count):
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
+@click.option("--warmup", type=click.IntRange(0, MAX_WARMUP_REQUESTS), default=0, metavar="N",
+              help="Write N TF Serving warm-up requests into the version (assets.extra/), one example each, "
+              "from --calibration-data or zeros.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
-            quantize_first_last, fast_activations, version, output_format, overwrite, as_json):
+            quantize_first_last, fast_activations, version, output_format, overwrite, warmup, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
@@ -190,6 +194,9 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     progress = _Progress()
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"Output path '{out}' exists and is not a folder.")
+    if warmup and output_format == "keras":
+        raise click.BadParameter("warm-up requests go into the SavedModel, which --format keras does not write.",
+                                 param_hint="--warmup")
     clashes = [p for p in _planned_paths(out, version, output_format) if os.path.exists(p)]
     if clashes and not overwrite:
         raise ExportError(
@@ -223,6 +230,8 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         report=report,
         float_model=original,
         overwrite=overwrite,
+        warmup=warmup,
+        warmup_data=calibration,
     )
     with open(result.report_path, encoding="utf-8") as file:
         metadata = json.load(file)
@@ -246,6 +255,10 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     for label, path in (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path)):
         if path:
             click.echo(f"{label}: {path}")
+    if warmup:
+        from keras_powerquant.warmup import WARMUP_FILE
+
+        click.echo(f"Warm-up requests: {warmup} in {os.path.join(result.saved_model_dir, WARMUP_FILE)}")
     click.echo(f"Done in {elapsed:.1f} s.")
 
 

@@ -1,5 +1,7 @@
 """`PowerQuantExport`: convert and export a model when training ends."""
 
+import collections.abc
+
 import keras
 import numpy as np
 
@@ -7,6 +9,7 @@ from keras_powerquant.converter import convert
 from keras_powerquant.converter.convert import check_options
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
+from keras_powerquant.warmup import check_warmup_count
 
 
 class PowerQuantExport(keras.callbacks.Callback):
@@ -24,6 +27,10 @@ class PowerQuantExport(keras.callbacks.Callback):
             the epoch where it was best are converted.
         mode: "min", "max" or "auto" (max for accuracy/AUC-like names).
         formats: "savedmodel", "keras" or "both" (see `export_model`).
+        warmup: the number of TF Serving warm-up requests to write into
+            the version (see `export_model`), from the calibration data or
+            zeros; the calibration data must then be re-iterable (an array
+            or a `tf.data.Dataset`, not a generator).
         verbose: print where the export went.
         **convert_options: other keyword arguments of `convert`
             (calibration_data, scope, quantize_first_last, ...).
@@ -43,6 +50,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         monitor=None,
         mode="auto",
         formats="savedmodel",
+        warmup=0,
         verbose=1,
         **convert_options,
     ):
@@ -52,6 +60,13 @@ class PowerQuantExport(keras.callbacks.Callback):
         check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+        check_warmup_count(warmup)
+        calibration = convert_options.get("calibration_data")
+        if warmup and isinstance(calibration, collections.abc.Iterator):
+            raise ValueError(
+                "Warm-up requests are taken from the calibration data after the conversion has read it: "
+                "give it as an array or a tf.data.Dataset, not an iterator or generator."
+            )
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; got {mode!r}.")
         self.export_dir = export_dir
@@ -61,6 +76,7 @@ class PowerQuantExport(keras.callbacks.Callback):
             mode = "max" if monitor and any(k in monitor for k in ("acc", "auc", "precision", "recall")) else "min"
         self.mode = mode
         self.formats = formats
+        self.warmup = warmup
         self.verbose = verbose
         self.convert_options = convert_options
         self.result = self.report = self.best_epoch = None
@@ -101,6 +117,8 @@ class PowerQuantExport(keras.callbacks.Callback):
                 formats=self.formats,
                 report=self.report,
                 float_model=self.model,
+                warmup=self.warmup,
+                warmup_data=self.convert_options.get("calibration_data"),
             )
         finally:
             if current is not None:

@@ -30,6 +30,9 @@ import tensorflow as tf
 
 from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.errors import ExportError
+from keras_powerquant.warmup import check_warmup_count
+from keras_powerquant.warmup import warmup_examples
+from keras_powerquant.warmup import write_warmup_requests
 
 SERVING_SIGNATURE = "serving_default"
 REPORT_NAME = "kpq-report-{version}.json"
@@ -106,11 +109,15 @@ def save_serving_model(model, path):
     The SavedModel has tag "serve" and one signature, `serving_default`
     (method tensorflow/serving/predict), whose input keys are the model's
     input names and output keys its output names, float32 in and out.
+
+    Returns:
+        The signature's input keys, in `model.inputs` order.
     """
     module = _ServingModule(model)
     tf.saved_model.save(
         module, path, signatures={SERVING_SIGNATURE: module.serve.get_concrete_function()}
     )
+    return [spec.name for spec in module.serve.input_signature]
 
 
 def existing_versions(export_dir):
@@ -176,6 +183,8 @@ def export_model(
     report=None,
     float_model=None,
     overwrite=False,
+    warmup=0,
+    warmup_data=None,
 ):
     """Exports a (converted) Keras model into a TF Serving export folder.
 
@@ -190,6 +199,11 @@ def export_model(
         float_model: the original float model, to record sizes against.
         overwrite: replace an existing version, all its artifacts (an old
             SavedModel or .keras file not rewritten now is removed).
+        warmup: the number of TF Serving warm-up requests to write into the
+            SavedModel (`assets.extra/tf_serving_warmup_requests`, at most
+            1000), each calling `serving_default` with one example; 0 for none.
+        warmup_data: the examples for them, in any form `convert` accepts as
+            calibration data (taken in order, cycled if fewer); zeros without it.
 
     Returns:
         An `ExportResult`.
@@ -200,6 +214,11 @@ def export_model(
     """
     if formats not in FORMATS:
         raise ExportError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+    warmup = check_warmup_count(warmup)
+    if warmup and formats == "keras":
+        raise ExportError("Warm-up requests go into the SavedModel; formats='keras' writes none.")
+    # Taken before anything is written: bad warm-up data fails the export early.
+    warmup_inputs = warmup_examples(model, warmup, warmup_data) if warmup else []
     export_dir = os.path.abspath(os.fspath(export_dir))
     if version is None:
         version = next_version(export_dir)
@@ -228,7 +247,10 @@ def export_model(
             sizes["float_variable_bytes"] = variable_bytes(float_model)
             sizes["variable_ratio"] = sizes["variable_bytes"] / sizes["float_variable_bytes"]
         if "savedmodel" in staged:
-            save_serving_model(model, staged["savedmodel"])
+            input_keys = save_serving_model(model, staged["savedmodel"])
+            if warmup_inputs:
+                requests = [dict(zip(input_keys, example)) for example in warmup_inputs]
+                write_warmup_requests(staged["savedmodel"], requests, SERVING_SIGNATURE)
             sizes["saved_model_variables_dir_bytes"] = directory_bytes(
                 os.path.join(staged["savedmodel"], "variables")
             )

@@ -3,8 +3,8 @@
 import math
 import numbers
 
-from keras_powerquant.bit_widths import MAX_BITS
-from keras_powerquant.bit_widths import MIN_BITS
+from keras_powerquant.limits import MAX_BITS
+from keras_powerquant.limits import MIN_BITS
 
 
 def check_bits(bits, name="bits"):

@@ -1,0 +1,14 @@
+"""The limits of kpq's numeric options, in a module that imports nothing.
+
+The quantizers, the exporter and the `kpq` command line share them; the
+command line declares its options with them before anything heavy is
+imported.
+"""
+
+# Supported bit widths of weights and activations.
+MIN_BITS = 2
+MAX_BITS = 8
+
+# TF Serving reads at most this many warm-up records
+# (tensorflow_serving/servables/tensorflow/saved_model_warmup_util.h).
+MAX_WARMUP_REQUESTS = 1000
