@@ -18,14 +18,14 @@ import time
 import click
 
 import keras_powerquant as kpq
-from keras_powerquant.limits import MAX_BITS
-from keras_powerquant.limits import MAX_WARMUP_REQUESTS
-from keras_powerquant.limits import MIN_BITS
 from keras_powerquant.cli.startup import import_tensorflow
 from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.limits import MAX_BITS
+from keras_powerquant.limits import MAX_WARMUP_REQUESTS
+from keras_powerquant.limits import MIN_BITS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 
