@@ -120,16 +120,18 @@ def _load_calibration(path, key):
     return data[key]
 
 
-def _planned_paths(out, version, output_format):
-    from keras_powerquant.export import KERAS_NAME
-    from keras_powerquant.export import REPORT_NAME
+class _VersionType(click.ParamType):
+    """A version number, or "next"; its range is checked by the command, which imports the exporter."""
 
-    paths = [REPORT_NAME.format(version=version)]
-    if output_format in ("savedmodel", "both"):
-        paths.append(str(version))
-    if output_format in ("keras", "both"):
-        paths.append(KERAS_NAME.format(version=version))
-    return [os.path.join(out, p) for p in paths]
+    name = "N|next"
+
+    def convert(self, value, param, context):
+        if isinstance(value, int) or value == "next":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or 'next'.", param, context)
 
 
 def _float_parts(report):
@@ -172,9 +174,10 @@ def _format_bytes(count):
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
 @click.option("--fast-activations", is_flag=True,
               help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
-@click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True, help="Version folder to write.")
+@click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
+              help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
-              show_default=True, help="SavedModel version folder, .keras file beside it, or both.")
+              show_default=True, help="In the version folder: a SavedModel, a .keras file, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
 @click.option("--warmup", type=click.IntRange(0, MAX_WARMUP_REQUESTS), default=0, metavar="N",
               help="Write N TF Serving warm-up requests into the version (assets.extra/), one example each, "
@@ -185,26 +188,38 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
             quantize_first_last, fast_activations, version, output_format, overwrite, warmup, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
-    Writes OUT/<version>/ (a TF Serving SavedModel with integer weights) and
-    OUT/kpq-report-<version>.json; with --format keras/both also
-    OUT/kpq-model-<version>.keras. Nothing is written if anything fails, and
-    an existing version is kept unless --overwrite is given.
+    Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
+    weights and kpq-report.json; with --format keras/both also
+    kpq-model.keras. The version appears whole or not at all, even if the
+    run fails or is killed; an existing version is kept unless --overwrite
+    is given, and replaced as a whole if it is.
     """
+    from keras_powerquant.export import check_export_dir
+    from keras_powerquant.export import check_exportable
+    from keras_powerquant.export import check_version
+
     started = time.perf_counter()
     progress = _Progress()
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"Output path '{out}' exists and is not a folder.")
+    if not out:
+        raise click.BadParameter("must not be empty.", param_hint="'-o' / '--output'")
+    if version == "next" and overwrite:
+        raise click.BadParameter("--overwrite needs the version to replace, not 'next'.", param_hint="'--version'")
     if warmup and output_format == "keras":
         raise click.BadParameter("warm-up requests go into the SavedModel, which --format keras does not write.",
                                  param_hint="--warmup")
-    clashes = [p for p in _planned_paths(out, version, output_format) if os.path.exists(p)]
-    if clashes and not overwrite:
+    try:
+        version = None if version == "next" else check_version(version)
+    except ExportError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--version'") from None
+    check_export_dir(out)
+    if version is not None and os.path.lexists(os.path.join(out, str(version))) and not overwrite:
         raise ExportError(
-            f"Version {version} already exists in '{out}' ({', '.join(map(os.path.basename, clashes))}); "
-            "use --overwrite to replace it or --version to write another."
+            f"Version {version} already exists in '{out}'; "
+            "use --overwrite to replace it, or --version to write another (--version next: the next free one)."
         )
     progress.message(f"Loading {model}")
     original = kpq.load_model(model)
+    check_exportable(original, output_format)
     calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
     mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
@@ -221,7 +236,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     )
     for warning in _float_parts(report):
         progress.message(f"Warning: {warning}")
-    progress.message(f"Exporting version {version} to {out}")
+    progress.message(f"Exporting version {version or 'next'} to {out}")
     result = kpq.export_model(
         quantized,
         out,
@@ -310,26 +325,24 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
 
 def _inspect_export(folder, as_json):
     from keras_powerquant.export import existing_versions
-    from keras_powerquant.export import REPORT_NAME
+    from keras_powerquant.export import REPORT_FILE
 
     versions = existing_versions(folder)
-    base, version = folder, None
-    if not versions and os.path.basename(os.path.normpath(folder)).isdigit():
-        base = os.path.dirname(os.path.normpath(folder))
-        version = int(os.path.basename(os.path.normpath(folder)))
-    elif versions:
-        version = versions[-1]
-    report_path = os.path.join(base, REPORT_NAME.format(version=version)) if version else None
-    if report_path is None or not os.path.isfile(report_path):
+    if versions:
+        version_dir, version = os.path.join(folder, str(versions[-1])), versions[-1]
+    else:  # a version folder itself
+        version_dir, version = folder, os.path.basename(os.path.normpath(folder))
+    report_path = os.path.join(version_dir, REPORT_FILE)
+    if not os.path.isfile(report_path):
         raise ModelLoadError(
-            f"'{folder}' is neither a model nor a kpq export folder (no {REPORT_NAME.format(version='N')})."
+            f"'{folder}' is neither a model nor a kpq export folder (no <version>/{REPORT_FILE})."
         )
     with open(report_path, encoding="utf-8") as file:
         metadata = json.load(file)
     if as_json:
         click.echo(json.dumps(metadata, indent=2))
         return
-    click.echo(f"Export {base}, version {version} ({report_path})")
+    click.echo(f"Export {os.path.dirname(os.path.normpath(version_dir))}, version {version} ({report_path})")
     if metadata.get("report"):
         click.echo(kpq.ConversionReport.from_dict(metadata["report"]).summary())
     sizes = metadata.get("sizes", {})
@@ -338,6 +351,11 @@ def _inspect_export(folder, as_json):
             f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
+    signature = metadata.get("signature", {})
+    for key, name in signature.get("input_names", {}).items():
+        click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")
+    for key, name in signature.get("output_names", {}).items():
+        click.echo(f"Signature output '{key}': model output '{name}'")
     click.echo("Versions: " + ", ".join(f"{k} {v}" for k, v in metadata.get("versions", {}).items()))
 
 

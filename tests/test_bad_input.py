@@ -327,7 +327,7 @@ def test_output_path_that_is_a_file(model_copy, tmp_path):
 def test_output_path_inside_a_file(model_copy, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("keep me")
-    _convert_fails(model_copy, blocker / "out", fragments=("Not a directory",))
+    _convert_fails(model_copy, blocker / "out", fragments=(f"'{blocker}' exists and is not a folder",))
     assert blocker.read_text() == "keep me"
 
 
@@ -361,10 +361,10 @@ def test_overwrite_replaces_the_version(model_copy, export_v1):
     assert result.exit_code == 0, result.output
     after = snapshot(export_v1)
     assert sorted(after) == sorted(before)
-    with open(export_v1 / "kpq-report-1.json", encoding="utf-8") as file:
+    with open(export_v1 / "1" / "kpq-report.json", encoding="utf-8") as file:
         assert json.load(file)["report"]["options"]["method"] == "uniform"
     variables = os.path.join("1", "variables", "variables.data-00000-of-00001")
-    for name in ("kpq-report-1.json", "kpq-model-1.keras", variables):
+    for name in (os.path.join("1", "kpq-report.json"), os.path.join("1", "kpq-model.keras"), variables):
         assert after[name] != before[name], name
     _no_leftovers(export_v1)
 
@@ -373,7 +373,8 @@ def test_overwrite_with_fewer_formats_leaves_no_stale_artifact(model_copy, expor
     """Replacing version 1 (SavedModel + .keras) by a SavedModel alone must not keep the old .keras."""
     result = invoke("convert", model_copy, "-o", export_v1, "--method", "uniform", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert sorted(os.listdir(export_v1)) == ["1", "kpq-report-1.json"]
+    assert os.listdir(export_v1) == ["1"]
+    assert "kpq-model.keras" not in os.listdir(export_v1 / "1")
 
 
 def test_failed_conversion_adds_nothing_to_the_export_folder(model_copy, export_v1, tmp_path):

@@ -82,7 +82,7 @@ def test_each_fit_exports_the_next_version_that_serves_the_converted_model(data,
     callback = kpq.PowerQuantExport(str(export_dir))
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
     assert callback.result.version == 1
-    assert sorted(os.listdir(export_dir)) == ["1", "kpq-report-1.json"]
+    assert os.listdir(export_dir) == ["1"]
     assert callback.best_epoch is None
     assert f"PowerQuantExport: version 1 written to {export_dir / '1'}" in capsys.readouterr().out
     served_1 = _serve(callback.result.saved_model_dir, x[:16])
@@ -90,7 +90,7 @@ def test_each_fit_exports_the_next_version_that_serves_the_converted_model(data,
 
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
     assert callback.result.version == 2
-    assert sorted(os.listdir(export_dir)) == ["1", "2", "kpq-report-1.json", "kpq-report-2.json"]
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]
     served_2 = _serve(callback.result.saved_model_dir, x[:16])
     np.testing.assert_allclose(served_2, _converted_outputs(model, model.get_weights(), x[:16]), atol=1e-5)
     # Version 1 was left alone and is a different (less trained) model.
@@ -154,8 +154,8 @@ def test_formats_both_writes_a_keras_file_matching_the_savedmodel(data, tmp_path
     model = _tiny_cnn()
     callback = kpq.PowerQuantExport(str(export_dir), formats="both", method="uniform", verbose=0)
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
-    assert sorted(os.listdir(export_dir)) == ["1", "kpq-model-1.keras", "kpq-report-1.json"]
-    assert callback.result.keras_path == str(export_dir / "kpq-model-1.keras")
+    assert os.listdir(export_dir) == ["1"]
+    assert callback.result.keras_path == str(export_dir / "1" / "kpq-model.keras")
     assert all(layer.exponent == 1.0 for layer in callback.report.quantized_layers)
     reloaded = keras.saving.load_model(callback.result.keras_path)
     served = _serve(callback.result.saved_model_dir, x[:16])

@@ -74,7 +74,7 @@ def small_export(small, tmp_path_factory):
 
 
 def _report(out, version=1):
-    with open(os.path.join(out, f"kpq-report-{version}.json"), encoding="utf-8") as file:
+    with open(os.path.join(out, str(version), "kpq-report.json"), encoding="utf-8") as file:
         return json.load(file)
 
 
@@ -104,7 +104,7 @@ def _assert_text_summary(stdout, metadata, out):
     sizes = metadata["sizes"]
     (weights,) = [line for line in lines if line.startswith("Weights:")]
     assert f"({sizes['variable_ratio']:.3f}x)" in weights
-    assert f"Report: {os.path.join(os.path.abspath(out), 'kpq-report-1.json')}" in lines
+    assert f"Report: {os.path.join(os.path.abspath(out), '1', 'kpq-report.json')}" in lines
 
 
 # ---------------------------------------------------------------------------
@@ -147,8 +147,8 @@ def test_convert_small_model_writes_savedmodel_and_report(small, kind, tmp_path)
     model, paths = small
     out = tmp_path / "out"
     result = _convert_ok(paths[kind], "-o", out, "--wbits", "4", "--abits", "4")
-    assert sorted(os.listdir(out)) == ["1", "kpq-report-1.json"]
-    assert os.path.isfile(out / "1" / "saved_model.pb")
+    assert os.listdir(out) == ["1"]
+    assert sorted(os.listdir(out / "1")) == ["assets", "fingerprint.pb", "kpq-report.json", "saved_model.pb", "variables"]
     metadata = _report(out)
     quantized = [layer["name"] for layer in metadata["report"]["layers"] if layer["status"] == "quantized"]
     assert quantized == SMALL_QUANTIZED
@@ -184,9 +184,10 @@ def test_convert_format_both_writes_matching_keras_and_savedmodel(small_export):
     import keras
 
     out, result = small_export
-    assert sorted(os.listdir(out)) == ["1", "kpq-model-1.keras", "kpq-report-1.json"]
-    assert f"Keras: {out / 'kpq-model-1.keras'}" in result.stdout.splitlines()
-    reloaded = keras.saving.load_model(out / "kpq-model-1.keras")
+    assert os.listdir(out) == ["1"]
+    assert {"kpq-model.keras", "kpq-report.json", "saved_model.pb"} <= set(os.listdir(out / "1"))
+    assert f"Keras: {out / '1' / 'kpq-model.keras'}" in result.stdout.splitlines()
+    reloaded = keras.saving.load_model(out / "1" / "kpq-model.keras")
     assert any(isinstance(layer, kpq.PowerQuantConv2D) for layer in reloaded.layers)
     x = random_images(8, seed=7).astype("float32") * np.float32(SCALE)
     np.testing.assert_allclose(_serve(out / "1", x), reloaded.predict(x, verbose=0), atol=1e-6)
@@ -195,14 +196,14 @@ def test_convert_format_both_writes_matching_keras_and_savedmodel(small_export):
 def test_convert_format_keras_writes_no_savedmodel(small, tmp_path):
     out = tmp_path / "out"
     _convert_ok(small[1]["h5"], "-o", out, "--format", "keras")
-    assert sorted(os.listdir(out)) == ["kpq-model-1.keras", "kpq-report-1.json"]
+    assert sorted(os.listdir(out / "1")) == ["kpq-model.keras", "kpq-report.json"]
 
 
 def test_convert_version_option_names_the_version(small, tmp_path):
     out = tmp_path / "out"
     result = _convert_ok(small[1]["keras"], "-o", out, "--version", "3")
-    assert sorted(os.listdir(out)) == ["3", "kpq-report-3.json"]
-    assert os.path.isfile(out / "3" / "saved_model.pb")
+    assert os.listdir(out) == ["3"]
+    assert os.path.isfile(out / "3" / "saved_model.pb") and os.path.isfile(out / "3" / "kpq-report.json")
     assert "Exporting version 3" in result.stderr
 
 
@@ -306,8 +307,8 @@ def resnet8_cli(resnet8_path, tmp_path_factory):
 
 def test_convert_real_resnet8(resnet8_cli, resnet8_model):
     out, result = resnet8_cli
-    assert sorted(os.listdir(out)) == ["1", "kpq-model-1.keras", "kpq-report-1.json"]
-    assert os.path.isfile(out / "1" / "saved_model.pb")
+    assert os.listdir(out) == ["1"]
+    assert {"kpq-model.keras", "kpq-report.json", "saved_model.pb"} <= set(os.listdir(out / "1"))
     metadata = _report(out)
     _assert_text_summary(result.stdout, metadata, out)
     conv_and_dense = [layer.name for layer in resnet8_model.layers if type(layer).__name__ in ("Conv2D", "Dense")]
@@ -384,7 +385,7 @@ def test_inspect_converted_keras_prints_quantizer_metadata(small_export):
     from keras_powerquant.layers import QuantizedKernelLayer
 
     out, _ = small_export
-    path = out / "kpq-model-1.keras"
+    path = out / "1" / "kpq-model.keras"
     before = snapshot(out)
     result = invoke("inspect", path)
     assert result.exit_code == 0, result.output
@@ -578,7 +579,7 @@ def test_process_json_stdout_is_pure_json(small, tmp_path):
     process = run_kpq("convert", small[1]["h5"], "-o", out, "--json", "--format", "keras")
     assert process.returncode == 0, process.stderr[-3000:]
     data = json.loads(process.stdout)
-    assert data["paths"]["keras"] == str(out / "kpq-model-1.keras")
+    assert data["paths"]["keras"] == str(out / "1" / "kpq-model.keras")
     assert os.path.isfile(data["paths"]["keras"])
     lines = kpq_stderr_lines(process.stderr)
     assert any(line.startswith("Loading ") for line in lines), process.stderr

@@ -197,7 +197,7 @@ def test_existing_version_is_never_overwritten_without_overwrite(tmp_path):
         export_model(_tiny_model(), tmp_path, 1)
     assert open(os.path.join(first.saved_model_dir, "saved_model.pb"), "rb").read() == before
     export_model(_tiny_model(), tmp_path, 1, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["1", "kpq-report-1.json"]
+    assert os.listdir(tmp_path) == ["1"]
 
 
 def test_next_version_counts_folders_and_reports(tmp_path):
@@ -236,7 +236,7 @@ def test_killed_export_leaves_no_partial_version(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:
             staged = [n for n in os.listdir(tmp_path) if n.startswith(".kpq-tmp-")]
-            if staged and os.path.exists(os.path.join(tmp_path, staged[0], "1", "saved_model.pb")):
+            if staged and os.path.exists(os.path.join(tmp_path, staged[0], "saved_model.pb")):
                 break
             assert process.poll() is None, "export ended before it could be interrupted"
             time.sleep(0.2)
@@ -246,13 +246,12 @@ def test_killed_export_leaves_no_partial_version(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert not os.path.exists(tmp_path / "1")
-    assert not os.path.exists(tmp_path / "kpq-report-1.json")
     assert next_version(tmp_path) == 1
 
 
 def test_failed_first_export_leaves_no_empty_folder(tmp_path):
-    target = tmp_path / "new-export"
-    # Not a model: the export fails after it created the folder and staging.
+    target = tmp_path / "a" / "b" / "new-export"
+    # Not a report: the export fails after it created the folders and staged the SavedModel.
     with pytest.raises(AttributeError):
-        export_model(object(), target, 1)
-    assert not target.exists()
+        export_model(_tiny_model(), target, 1, report=object())
+    assert os.listdir(tmp_path) == []

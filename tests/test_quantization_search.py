@@ -304,6 +304,15 @@ def test_fitted_clip_is_near_the_best_of_a_fine_scan(exponent):
     assert fit.error <= scan * (1 + 1e-3)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_fit_activation_of_subnormal_samples(signed):
+    # max * 1e-3 underflows to 0: the clip search must not build an empty range.
+    samples = np.array([5e-324, 0.0, -5e-324])
+    fit = fit_activation(samples, 2, signed)
+    assert fit.error <= fit.uniform_error
+    assert 0 < fit.clip <= samples.max()
+
+
 @SETTINGS
 @given(
     hnp.arrays(np.float64, st.integers(1, 300), elements=st.floats(-50, 50)),

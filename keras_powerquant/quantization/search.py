@@ -186,14 +186,13 @@ class ActivationErrorModel:
 
     def best_clip(self, exponent):
         """`(clip, error)` minimising the error for a fixed exponent."""
-        if self.max_value <= 0:
-            # Nothing positive to represent: any clip gives the same error.
-            return 1.0, self.error(1.0, exponent)
-        return minimize_bounded(
-            lambda clip: self.error(clip, exponent),
-            self.max_value * _MIN_CLIP_FRACTION,
-            self.max_value,
-        )
+        lowest_clip = self.max_value * _MIN_CLIP_FRACTION
+        if not lowest_clip > 0:
+            # Nothing positive to represent, or only subnormal values whose
+            # clip range underflows: clip at the largest value (1 if none).
+            clip = self.max_value if self.max_value > 0 else 1.0
+            return clip, self.error(clip, exponent)
+        return minimize_bounded(lambda clip: self.error(clip, exponent), lowest_clip, self.max_value)
 
 
 def minimize_bounded(fn, low, high, xatol=1e-4):
