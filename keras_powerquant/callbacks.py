@@ -1,6 +1,7 @@
 """`PowerQuantExport`: convert and export a model when training ends."""
 
 import collections.abc
+import warnings
 
 import keras
 import numpy as np
@@ -24,8 +25,14 @@ class PowerQuantExport(keras.callbacks.Callback):
         export_dir: the TF Serving export folder; each run adds a version.
         wbits, abits, method: as in `convert`.
         monitor: optional metric name (e.g. "val_accuracy"); the weights of
-            the epoch where it was best are converted.
-        mode: "min", "max" or "auto" (max for accuracy/AUC-like names).
+            the epoch where it was best are converted. Epochs that do not
+            log it (with `validation_freq > 1`) are skipped with a warning;
+            if no epoch logs it, `fit` ends with a ValueError and nothing
+            is exported.
+        mode: "min", "max" or "auto": as Keras' `ModelCheckpoint` infers
+            it, "min" for losses and the direction a Keras metric declares
+            (accuracy, AUC, F1, IoU: "max"); a ValueError at the first
+            epoch end when the direction is unknown (a custom metric).
         formats: "savedmodel", "keras" or "both" (see `export_model`).
         warmup: the number of TF Serving warm-up requests to write into
             the version (see `export_model`), from the calibration data or
@@ -56,7 +63,9 @@ class PowerQuantExport(keras.callbacks.Callback):
     ):
         super().__init__()
         # Checked now: a typo found when training ends would cost the whole run.
-        checked = ("scope", "p", "exponent_bounds", "first_last_bits")
+        checked = (
+            "scope", "p", "exponent_bounds", "first_last_bits", "calibration_batch_size", "calibration_steps"
+        )
         check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
@@ -72,8 +81,6 @@ class PowerQuantExport(keras.callbacks.Callback):
         self.export_dir = export_dir
         self.wbits, self.abits, self.method = wbits, abits, method
         self.monitor = monitor
-        if mode == "auto":
-            mode = "max" if monitor and any(k in monitor for k in ("acc", "auc", "precision", "recall")) else "min"
         self.mode = mode
         self.formats = formats
         self.warmup = warmup
@@ -84,24 +91,38 @@ class PowerQuantExport(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._best_value = self._best_weights = self.best_epoch = None
+        self._direction = None if self.mode == "auto" else self.mode
+        self._logged = set()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor is None:
             return
-        value = (logs or {}).get(self.monitor)
+        logs = logs or {}
+        self._logged.update(logs)
+        value = logs.get(self.monitor)
         if value is None:
-            raise ValueError(
-                f"PowerQuantExport monitors '{self.monitor}', which is not among the logged "
-                f"metrics {sorted(logs or {})}."
+            warnings.warn(
+                f"PowerQuantExport: '{self.monitor}' is not in the logs of epoch {epoch + 1} "
+                f"({sorted(logs)}); skipping the epoch.",
+                stacklevel=2,
             )
+            return
+        if self._direction is None:
+            self._direction = _infer_direction(self.model, self.monitor)
+        value = float(value)
         better = self._best_value is None or (
-            value > self._best_value if self.mode == "max" else value < self._best_value
+            value > self._best_value if self._direction == "max" else value < self._best_value
         )
         if better and np.isfinite(value):
-            self._best_value, self.best_epoch = float(value), epoch
+            self._best_value, self.best_epoch = value, epoch
             self._best_weights = [np.array(w) for w in self.model.get_weights()]
 
     def on_train_end(self, logs=None):
+        if self.monitor is not None and self.monitor not in self._logged:
+            raise ValueError(
+                f"PowerQuantExport monitors '{self.monitor}', which no epoch logged (logged metrics: "
+                f"{sorted(self._logged)}); nothing was exported."
+            )
         current = None
         if self._best_weights is not None:
             current = self.model.get_weights()
@@ -127,3 +148,28 @@ class PowerQuantExport(keras.callbacks.Callback):
             where = self.result.saved_model_dir or self.result.keras_path
             epoch = "" if self.best_epoch is None else f" (weights of epoch {self.best_epoch + 1})"
             print(f"PowerQuantExport: version {self.result.version} written to {where}{epoch}")
+
+
+def _infer_direction(model, monitor):
+    """"min" or "max" for `monitor`, as Keras' `ModelCheckpoint` infers it in mode "auto".
+
+    Raises:
+        ValueError: the direction is unknown (not a loss, and no compiled
+            metric of that name declares one).
+    """
+    name = monitor.removeprefix("val_")
+    if name == "loss" or name.endswith("_loss"):
+        return "min"
+    # Compiled metrics are held by containers (their `metrics`); Keras metrics
+    # declare whether higher is better in `_direction` ("up" or "down").
+    pending = list(getattr(model, "metrics", []))
+    while pending:
+        metric = pending.pop()
+        pending.extend(getattr(metric, "metrics", None) or [])
+        direction = getattr(metric, "_direction", None)
+        if metric.name == name and direction in ("up", "down"):
+            return "max" if direction == "up" else "min"
+    raise ValueError(
+        f"PowerQuantExport cannot tell whether '{monitor}' should be maximized or minimized; "
+        "pass mode='max' or mode='min'."
+    )

@@ -26,5 +26,9 @@ class CalibrationDataError(PowerQuantError, ValueError):
     """Calibration data does not match the model's inputs."""
 
 
+class EvaluationDataError(PowerQuantError, ValueError):
+    """Evaluation inputs or labels do not fit each other or the model."""
+
+
 class ExportError(PowerQuantError):
     """An export target is unusable or would overwrite an existing version."""

@@ -181,3 +181,64 @@ def test_bad_options_fail_before_training(tmp_path, options):
     with pytest.raises(ValueError):
         kpq.PowerQuantExport(tmp_path / "export", **options)
     assert not (tmp_path / "export").exists()
+
+
+def test_epochs_without_the_monitored_metric_are_skipped_with_a_warning(data, tmp_path):
+    """validation_freq=2 logs val_loss at epochs 2 and 4 only; the best of those is exported."""
+    (x, y), validation = data
+    model = _tiny_cnn()
+    recorder = _Recorder()
+    callback = kpq.PowerQuantExport(str(tmp_path / "export"), monitor="val_loss", verbose=0)
+    with pytest.warns(UserWarning, match="'val_loss' is not in the logs of epoch 1") as warned:
+        model.fit(x, y, batch_size=16, epochs=4, validation_data=validation, validation_freq=2,
+                  callbacks=[recorder.callback, callback], verbose=0)
+    assert len([w for w in warned if "is not in the logs" in str(w.message)]) == 2
+    validated = {epoch: logs["val_loss"] for epoch, logs in enumerate(recorder.logs) if "val_loss" in logs}
+    assert sorted(validated) == [1, 3]
+    assert callback.best_epoch == min(validated, key=validated.get)
+    assert callback.result.version == 1
+
+
+def _f1_model():
+    import keras
+
+    model = _tiny_cnn()
+    model.compile(optimizer=keras.optimizers.Adam(0.005), loss="categorical_crossentropy",
+                  metrics=[keras.metrics.F1Score(average="macro")])
+    return model
+
+
+def test_auto_mode_maximizes_metrics_keras_declares_higher_is_better(data, tmp_path):
+    """F1 (like IoU) has no "acc" in its name; Keras' metric says higher is better."""
+    (x, y), _ = data
+    x_val, y_val = _data(48, seed=2)  # true labels: F1 rises as the model learns
+    model = _f1_model()
+    recorder = _Recorder()
+    callback = kpq.PowerQuantExport(str(tmp_path / "export"), monitor="val_f1_score", verbose=0)
+    one_hot = np.eye(CLASSES, dtype="float32")
+    model.fit(x, one_hot[y], batch_size=16, epochs=4, validation_data=(x_val, one_hot[y_val]),
+              callbacks=[recorder.callback, callback], verbose=0)
+    values = [logs["val_f1_score"] for logs in recorder.logs]
+    assert int(np.argmax(values)) != int(np.argmin(values)), values
+    assert callback.best_epoch == int(np.argmax(values))
+
+
+def test_auto_mode_with_a_metric_of_unknown_direction_is_a_clear_error(data, tmp_path):
+    import keras
+
+    def agreement(y_true, y_pred):
+        return keras.ops.max(y_pred, axis=-1)
+
+    (x, y), validation = data
+    model = _tiny_cnn()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=[agreement])
+    callback = kpq.PowerQuantExport(str(tmp_path / "export"), monitor="val_agreement", verbose=0)
+    with pytest.raises(ValueError, match="cannot tell whether 'val_agreement' should be maximized"):
+        model.fit(x, y, batch_size=16, epochs=2, validation_data=validation, callbacks=[callback], verbose=0)
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("options", [dict(calibration_steps=0), dict(calibration_batch_size=0), dict(p=float("inf"))])
+def test_calibration_and_norm_options_fail_before_training(tmp_path, options):
+    with pytest.raises(ValueError, match="must be"):
+        kpq.PowerQuantExport(tmp_path / "export", **options)

@@ -439,7 +439,7 @@ def test_calibrated_conversion_fits_every_quantizer_on_data(originals, calibrati
     assert report.options["calibrated"] is True
     assert all(a.status == "quantized" and a.rule == "calibration" for a in report.activations)
     stem = _activation_report(report, "stem_input_quantizer")
-    assert stem.signed is False  # images in [0, 1)
+    assert stem.signed is True  # a float input: images in [0, 1) here say nothing of served inputs
     assert stem.clip <= float(x.max()) + 1e-6
     assert report.layer("stem").input_bits == 8
     original = originals["resnet"]

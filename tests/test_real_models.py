@@ -68,7 +68,7 @@ def test_resnet8_calibrated_quantizes_the_input_too(resnet8):
     assert report.options["calibrated"] is True
     assert all(a.status == "quantized" and a.rule == "calibration" for a in report.activations)
     first = [a for a in report.activations if a.consumers == ["conv2d"]]
-    assert len(first) == 1 and first[0].bits == 8 and first[0].signed is False
+    assert len(first) == 1 and first[0].bits == 8 and first[0].signed is True  # float input: signed
     assert 0 < first[0].clip <= 255.0
 
 

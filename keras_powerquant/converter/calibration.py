@@ -94,43 +94,76 @@ def _as_numpy(value):
     return value
 
 
-def _flat_inputs(item, input_tensors):
-    """The model inputs of one batch, as a flat list in model input order."""
-    if isinstance(item, dict):
-        missing = [t.name for t in input_tensors if t.name not in item]
-        if missing:
-            raise CalibrationDataError(
-                f"Calibration batch lacks inputs {missing}; it has {sorted(item)}."
-            )
-        return [_as_numpy(item[t.name]) for t in input_tensors]
+def _is_array(value):
+    return isinstance(value, (np.ndarray, tf.Tensor, tf.Variable))
+
+
+def _inputs_part(data, num_inputs):
+    """The model inputs in `data`, read as `Model.fit`/`predict` read them, or None.
+
+    An array, a dict by input name, or a list/tuple of one array per input
+    (`[x]` for one input) are the inputs; a tuple `(x, y)` or
+    `(x, y, sample_weight)` holds them in `x`.
+    """
+    if _is_array(data) or isinstance(data, dict):
+        return data
+    if isinstance(data, (list, tuple)) and data:
+        if len(data) == num_inputs and not any(isinstance(v, (list, tuple, dict)) for v in data):
+            return list(data)
+        if isinstance(data, tuple) and len(data) in (2, 3):
+            return _inputs_part(data[0], num_inputs)
+    return None
+
+
+def _describe_structure(value):
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({"array" if _is_array(v) else type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(kinds) or 'nothing'})"
+    return f"a {type(value).__name__}"
+
+
+def _expected_structure(input_tensors):
     if len(input_tensors) == 1:
-        return [_as_numpy(item)]
-    if isinstance(item, (list, tuple)) and len(item) == len(input_tensors):
-        return [_as_numpy(v) for v in item]
-    raise CalibrationDataError(
-        f"The model has {len(input_tensors)} inputs "
-        f"({', '.join(t.name for t in input_tensors)}): give each calibration batch as a "
-        "list or a dict of arrays."
+        tensor = input_tensors[0]
+        return f"an array x of shape {_describe_shape(tensor.shape)} ('{tensor.name}'), [x] or (x, y)"
+    names = ", ".join(t.name for t in input_tensors)
+    return (
+        f"a list of {len(input_tensors)} arrays [{names}], a dict of arrays by those names, "
+        "or (inputs, y)"
     )
 
 
-def _strip_targets(item, num_inputs):
-    """Drops `(x, y)` / `(x, y, sample_weight)` targets, as `Model.fit` data has."""
-    if isinstance(item, tuple) and len(item) in (2, 3) and num_inputs == 1:
-        return item[0]
-    if isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], (list, tuple, dict)):
-        return item[0]
-    return item
+def _flat_inputs(item, input_tensors):
+    """The model inputs of one batch (or of all in-memory data), a flat list in model input order."""
+    inputs = _inputs_part(item, len(input_tensors))
+    if isinstance(inputs, dict):
+        missing = [t.name for t in input_tensors if t.name not in inputs]
+        if missing:
+            raise CalibrationDataError(
+                f"Calibration batch lacks inputs {missing}; it has {sorted(inputs)}."
+            )
+        return [_as_numpy(inputs[t.name]) for t in input_tensors]
+    if _is_array(inputs) and len(input_tensors) == 1:
+        return [_as_numpy(inputs)]
+    if isinstance(inputs, list):
+        return [_as_numpy(v) for v in inputs]
+    if isinstance(item, (list, tuple)) and item and all(np.isscalar(v) for v in item) and len(input_tensors) == 1:
+        return [_as_numpy(item)]
+    raise CalibrationDataError(
+        f"The model has {len(input_tensors)} input(s): calibration data (or each of its batches) must be "
+        f"{_expected_structure(input_tensors)}; got {_describe_structure(item)}."
+    )
 
 
 def calibration_batches(data, input_tensors, batch_size=DEFAULT_BATCH_SIZE, max_batches=None):
     """Yields validated batches, each a flat list of arrays in model input order.
 
     Args:
-        data: a numpy array (single-input model), a list/tuple or dict of
-            arrays (one per input, same length), a `tf.data.Dataset`, or an
-            iterable/generator of batches (each an array, list or dict, or a
-            `(x, y)` tuple whose `x` is used).
+        data: the forms `Model.fit` and `predict` take: an array (one
+            input), `[x]`, a list/tuple or dict of arrays (one per input,
+            same length), `(x, y)` or `(x, y, sample_weight)` whose `x` is
+            used, a `tf.data.Dataset`, or an iterable/generator of batches
+            in any of these forms.
         input_tensors: the model's input KerasTensors.
         batch_size: batch size used to split in-memory arrays.
         max_batches: stop after this many batches.
@@ -153,12 +186,10 @@ def calibration_batches(data, input_tensors, batch_size=DEFAULT_BATCH_SIZE, max_
 
 def _flat_batches(data, input_tensors, batch_size):
     """Batches of `data` as flat lists of arrays in model input order."""
-    if isinstance(data, np.ndarray) or (
-        isinstance(data, (list, tuple, dict))
-        and all(isinstance(v, np.ndarray) for v in (data.values() if isinstance(data, dict) else data))
-        and len(data) > 0
-    ):
-        arrays = _flat_inputs(data, input_tensors)
+    inputs = _inputs_part(data, len(input_tensors))
+    values = inputs.values() if isinstance(inputs, dict) else [inputs] if _is_array(inputs) else inputs
+    if inputs is not None and values and all(_is_array(v) for v in values):
+        arrays = _flat_inputs(inputs, input_tensors)
         lengths = {a.shape[0] if isinstance(a, np.ndarray) and a.ndim else None for a in arrays}
         if len(lengths) != 1 or None in lengths:
             raise CalibrationDataError(
@@ -168,6 +199,10 @@ def _flat_batches(data, input_tensors, batch_size):
         total = lengths.pop()
         for start in range(0, total, batch_size):
             yield [a[start : start + batch_size] for a in arrays]
+        return
+    if isinstance(data, tuple):
+        # A tuple is a structure, as in `fit`: (x, y) or one array per input.
+        yield _flat_inputs(data, input_tensors)
         return
     if isinstance(data, tf.data.Dataset):
         items = data.as_numpy_iterator()
@@ -179,7 +214,7 @@ def _flat_batches(data, input_tensors, batch_size):
     else:
         items = data
     for item in items:
-        yield _flat_inputs(_strip_targets(item, len(input_tensors)), input_tensors)
+        yield _flat_inputs(item, input_tensors)
 
 
 def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None):

@@ -42,7 +42,8 @@ def _resolve_model(model):
     return model, []
 
 
-def _check_finite(model):
+def _check_weights(model):
+    """Raises InvalidModelError, naming the layer, for weights no model can compute with."""
     layers = model._flatten_layers(include_self=False, recursive=True)
     # Leaf layers first: a nested model's weights include its layers' weights,
     # and the message must name the layer that holds the bad weight.
@@ -53,6 +54,20 @@ def _check_finite(model):
                     f"Layer '{layer.name}' has NaN or Inf values in weight '{weight.name}': "
                     "the model cannot be quantized. Check the training run that produced it."
                 )
+        if isinstance(layer, keras.layers.BatchNormalization):
+            variance = keras.ops.convert_to_numpy(layer.moving_variance)
+            bad = variance + layer.epsilon <= 0
+            if np.any(bad):
+                raise InvalidModelError(
+                    f"Layer '{layer.name}' has a negative moving variance in {int(np.sum(bad))} of "
+                    f"{bad.size} channels (smallest {float(variance.min()):g}, epsilon {layer.epsilon:g}): "
+                    "its outputs are NaN even in the float model. Check the training run that produced it."
+                )
+
+
+def _check_count(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
 
 
 def check_options(
@@ -63,6 +78,8 @@ def check_options(
     p=2.0,
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     first_last_bits=8,
+    calibration_batch_size=DEFAULT_BATCH_SIZE,
+    calibration_steps=None,
 ):
     """Raises ValueError for `convert` options it would reject, before any work."""
     check_bits(wbits, "wbits")
@@ -72,14 +89,18 @@ def check_options(
         raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
     if scope not in SCOPES:
         raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
-    if not float(p) > 0:
-        raise ValueError(f"`p` must be > 0; got {p}.")
+    # An infinite norm keeps only the largest error: the fits then ignore almost every value.
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 < p < np.inf:
+        raise ValueError(f"`p` must be a finite number > 0; got {p!r}.")
     try:
         low, high = (float(b) for b in exponent_bounds)
     except (TypeError, ValueError):
         raise ValueError(f"`exponent_bounds` must be a pair (low, high); got {exponent_bounds!r}.") from None
-    if not 0 < low < high:
-        raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high; got {exponent_bounds}.")
+    if not 0 < low < high < np.inf:
+        raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high < inf; got {exponent_bounds}.")
+    _check_count(calibration_batch_size, "calibration_batch_size")
+    if calibration_steps is not None:
+        _check_count(calibration_steps, "calibration_steps")
 
 
 def _fit_weights(plan, method, scope, per_channel, p, bounds, step):
@@ -110,10 +131,11 @@ def _fit_activations(plan, samples, rules, method, scope, p, bounds, fast, step)
         if values is None:
             quantizer.reason = f"no statistics ({quantizer.rule}); pass calibration data"
             continue
-        if quantizer.nonnegative or (quantizer.kind != "input" and quantizer.spec.nonnegative):
-            quantizer.signed = False
-        else:
-            quantizer.signed = bool(np.min(values) < 0) if quantizer.kind == "input" else True
+        # Unsigned only where the graph guarantees values >= 0: calibration
+        # samples that happen to be >= 0 say nothing of the inputs served later.
+        quantizer.signed = not (
+            quantizer.nonnegative or (quantizer.kind != "input" and quantizer.spec.nonnegative)
+        )
         fittable.append((quantizer, ActivationErrorModel(values, quantizer.bits, quantizer.signed, p)))
     exponent = 1.0 if method == "uniform" else None
     fits = fit_activation_models(
@@ -122,10 +144,10 @@ def _fit_activations(plan, samples, rules, method, scope, p, bounds, fast, step)
         exponent=exponent,
         shared=scope == "network",
         choices=FAST_ACTIVATION_EXPONENTS if fast else None,
+        progress=step,
     )
-    for i, ((quantizer, _), fit) in enumerate(zip(fittable, fits)):
+    for (quantizer, _), fit in zip(fittable, fits):
         quantizer.fit = fit
-        step(i + 1, len(fittable))
 
 
 def _data_free_samples(plan, stats):
@@ -173,15 +195,18 @@ def convert(
         abits: activation bit width, 2 to 8.
         method: "powerquant" (fitted exponents) or "uniform" (`a = 1`
             everywhere: the baseline).
-        calibration_data: optional model inputs (numpy array, list/dict of
-            arrays, `tf.data.Dataset`, or iterable of batches) to fit
-            activation quantizers on instead of BatchNorm statistics. Lists
-            follow `model.inputs` order (Keras sorts dict inputs by key);
-            dicts are matched by input name.
+        calibration_data: optional model inputs to fit activation
+            quantizers on instead of BatchNorm statistics, in the forms
+            `Model.fit`/`predict` take: an array, `[x]`, a list/tuple or
+            dict of arrays, `(x, y)` or `(x, y, sample_weight)` (`x` is
+            used), a `tf.data.Dataset`, or an iterable of such batches.
+            Lists follow `model.inputs` order (Keras sorts dict inputs by
+            key); dicts are matched by input name.
         scope: "layer" (one exponent per layer) or "network" (one weight
             exponent and one activation exponent shared by all layers).
         per_channel: one weight scale per output channel, or per tensor.
-        p: the norm of the reconstruction error, `sum |x - x_hat|^p`.
+        p: the norm of the reconstruction error, `sum |x - x_hat|^p`
+            (finite, > 0).
         exponent_bounds: the exponent search interval.
         quantize_first_last: quantize the first and last quantized layers
             at `wbits`/`abits` rather than `first_last_bits`.
@@ -191,8 +216,10 @@ def convert(
             and squares, so quantized activations cost about as much as
             uniform ones at inference instead of two exp/log pairs; weight
             exponents are fitted as usual.
-        calibration_batch_size: batch size for in-memory calibration arrays.
-        calibration_steps: use at most this many calibration batches.
+        calibration_batch_size: batch size for in-memory calibration arrays
+            (an integer >= 1).
+        calibration_steps: use at most this many calibration batches (an
+            integer >= 1, or None for all).
         progress: optional callback `progress(stage, done, total)`.
 
     Returns:
@@ -206,7 +233,9 @@ def convert(
         CalibrationDataError: calibration data that does not fit the model.
         ValueError: invalid options.
     """
-    check_options(wbits, abits, method, scope, p, exponent_bounds, first_last_bits)
+    check_options(
+        wbits, abits, method, scope, p, exponent_bounds, first_last_bits, calibration_batch_size, calibration_steps
+    )
     seconds = {}
     started = time.perf_counter()
 
@@ -214,7 +243,7 @@ def convert(
         return lambda done, total: progress(stage, done, total) if progress else None
 
     model, notes = _resolve_model(model)
-    _check_finite(model)
+    _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
@@ -303,7 +332,7 @@ def fold_batch_norms(model):
         `ConversionReport` listing folded and kept BatchNorms.
     """
     model, notes = _resolve_model(model)
-    _check_finite(model)
+    _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     folded = ModelBuilder(graph, folds).build()

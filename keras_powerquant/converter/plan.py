@@ -115,7 +115,13 @@ def _why_float(graph, op):
 
 def _nonnegative_keys(graph):
     """Tensor keys whose values the graph guarantees to be >= 0."""
-    nonnegative = set()
+    # Model inputs only when their dtype says so (uint8 images): values seen
+    # in calibration data promise nothing about what is served later.
+    nonnegative = {
+        key
+        for tensor, key in zip(graph.input_tensors, graph.input_keys)
+        if keras.backend.standardize_dtype(tensor.dtype) in ("bool", "uint8", "uint16", "uint32", "uint64")
+    }
     for op in graph.ops:
         layer = op.layer
         spec = activation_layer_spec(layer)

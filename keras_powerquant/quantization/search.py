@@ -291,7 +291,7 @@ def _best_choice(error_fn, choices):
 
 
 def fit_activation_models(
-    models, bounds=DEFAULT_EXPONENT_BOUNDS, exponent=None, shared=False, choices=None
+    models, bounds=DEFAULT_EXPONENT_BOUNDS, exponent=None, shared=False, choices=None, progress=None
 ):
     """Fits several activation quantizers; `shared` gives them one exponent.
 
@@ -306,26 +306,29 @@ def fit_activation_models(
         shared: one exponent for all models (scope `network`).
         choices: search only these exponents (e.g.
             `FAST_ACTIVATION_EXPONENTS`) instead of the interval.
+        progress: optional `progress(done, total)`, called as each model's
+            fit is complete.
 
     Returns:
         A list of `ActivationFit`, one per model.
     """
-    uniform = [m.best_clip(1.0) for m in models]
 
     def fit(error_fn):
         if choices is not None:
             return _best_choice(error_fn, tuple(float(c) for c in choices))
         return minimize_exponent(error_fn, bounds)[0]
 
+    shared_exponent = None
     if exponent is not None:
-        exponents = [float(exponent)] * len(models)
+        shared_exponent = float(exponent)
     elif shared:
         shared_exponent = fit(lambda a: sum(m.best_clip(a)[1] for m in models))
-        exponents = [shared_exponent] * len(models)
-    else:
-        exponents = [fit(lambda a, m=m: m.best_clip(a)[1]) for m in models]
     fits = []
-    for model, a, (uniform_clip, uniform_error) in zip(models, exponents, uniform):
+    for i, model in enumerate(models):
+        a = shared_exponent if shared_exponent is not None else fit(lambda a, m=model: m.best_clip(a)[1])
         clip, error = model.best_clip(a)
+        uniform_clip, uniform_error = (clip, error) if a == 1.0 else model.best_clip(1.0)
         fits.append(ActivationFit(clip, a, error, uniform_clip, uniform_error))
+        if progress is not None:
+            progress(i + 1, len(models))
     return fits
