@@ -27,6 +27,7 @@ import activation_ops
 import conversion_time
 import inference_cost
 import sizes
+import synthetic_calibration
 import weight_error
 
 BENCHMARKS = {
@@ -36,6 +37,12 @@ BENCHMARKS = {
     "accuracy": accuracy,
     "sizes": sizes,
     "weight_error": weight_error,
+}
+# Benchmarks too long for every run: each writes benchmarks/<name>.json when run
+# alone (`python benchmarks/<name>.py --json benchmarks/<name>.json`), and
+# RESULTS.md shows its section from that file.
+STANDALONE = {
+    "synthetic_calibration": synthetic_calibration,
 }
 
 
@@ -85,6 +92,13 @@ def _results_markdown(results):
         lines += [module.markdown(result), "", f"_{name}: {result['wall_seconds']:.0f} s._", ""]
         for path in results["plots"][name]:
             lines += [f"![{name}]({path})", ""]
+    for name, module in STANDALONE.items():
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                lines += [module.markdown(json.load(file)), "",
+                          f"_{name}: from `python benchmarks/{name}.py --json benchmarks/{name}.json`, "
+                          "run on its own._", ""]
     return "\n".join(lines)
 
 

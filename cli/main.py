@@ -24,6 +24,8 @@ from keras_powerquant.errors import EvaluationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
+from keras_powerquant.limits import DEFAULT_STEPS
 from keras_powerquant.limits import MAX_BITS
 from keras_powerquant.limits import MAX_WARMUP_REQUESTS
 from keras_powerquant.limits import MIN_BITS
@@ -121,6 +123,13 @@ def _load_calibration(path, key):
     return data[key]
 
 
+def _synthetic_data(num_samples, **options):
+    try:
+        return kpq.SyntheticData(num_samples=num_samples or DEFAULT_NUM_SAMPLES, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 class _VersionType(click.ParamType):
     """A version number, or "next"; its range is checked by the command, which imports the exporter."""
 
@@ -165,11 +174,15 @@ def _format_bytes(count):
 )
 @click.option(
     "--calibration-data",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Model inputs (.npy, or .npz with --calibration-key) to fit activation ranges on; "
-    "data-free (BatchNorm statistics) without it.",
+    help="Model inputs (.npy, or .npz with --calibration-key) to fit activation ranges on, or "
+    "'synthetic' to generate them from the model (see `kpq synthesize`); data-free (BatchNorm "
+    "statistics) without it.",
 )
 @click.option("--calibration-key", help="Array name inside a calibration .npz [default: x].")
+@click.option("--synthetic-samples", type=click.IntRange(min=1),
+              help=f"Inputs to generate with --calibration-data synthetic [default: {DEFAULT_NUM_SAMPLES}].")
+@click.option("--input-range", type=(float, float), metavar="LOW HIGH",
+              help="Range of the model's inputs, for --calibration-data synthetic (e.g. 0 255 for raw pixels).")
 @click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
               help="One exponent per layer, or one shared by all layers.")
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
@@ -182,11 +195,11 @@ def _format_bytes(count):
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
 @click.option("--warmup", type=click.IntRange(0, MAX_WARMUP_REQUESTS), default=0, metavar="N",
               help="Write N TF Serving warm-up requests into the version (assets.extra/), one example each, "
-              "from --calibration-data or zeros.")
+              "from --calibration-data (a file) or zeros.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
-def convert(model, out, wbits, abits, method, calibration_data, calibration_key, scope,
-            quantize_first_last, fast_activations, version, output_format, overwrite, warmup, as_json):
+def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
+            scope, quantize_first_last, fast_activations, version, output_format, overwrite, warmup, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -218,11 +231,20 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
             f"Version {version} already exists in '{out}'; "
             "use --overwrite to replace it, or --version to write another (--version next: the next free one)."
         )
+    synthetic = calibration_data == "synthetic"
+    if (synthetic_samples is not None or input_range is not None) and not synthetic:
+        raise click.UsageError("--synthetic-samples and --input-range need --calibration-data synthetic.")
+    if calibration_data and not synthetic and not os.path.isfile(calibration_data):
+        raise click.BadParameter(f"'{calibration_data}' is not a file.", param_hint="--calibration-data")
     progress.message(f"Loading {model}")
     original = kpq.load_model(model)
     check_exportable(original, output_format)
-    calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
-    mode = "calibrated" if calibration is not None else "data-free"
+    if synthetic:
+        calibration = _synthetic_data(synthetic_samples, input_range=input_range)
+        mode = f"calibrated on {calibration.num_samples} synthetic inputs"
+    else:
+        calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
+        mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
     quantized, report = kpq.convert(
         original,
@@ -247,7 +269,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         float_model=original,
         overwrite=overwrite,
         warmup=warmup,
-        warmup_data=calibration,
+        warmup_data=None if synthetic else calibration,
     )
     with open(result.report_path, encoding="utf-8") as file:
         metadata = json.load(file)
@@ -433,3 +455,65 @@ def evaluate(models, data, x_key, y_key, scale, batch_size, as_json):
     click.echo(f"{'model':<{width}}  {'top-1':>7}  {'top-5':>7}  images")
     for r in results:
         click.echo(f"{r['model']:<{width}}  {100 * r['top1']:>6.2f}%  {100 * r['top5']:>6.2f}%  {r['images']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="File to write: .npy (one input), or .npz keyed by input name (any number of inputs).")
+@click.option("-n", "--num-samples", type=click.IntRange(min=1), default=DEFAULT_NUM_SAMPLES, show_default=True,
+              help="Inputs to generate.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
+@click.option("--steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
+              help="Adam steps per batch.")
+@click.option("--input-range", type=(float, float), metavar="LOW HIGH",
+              help="Range of the model's inputs (e.g. 0 255 for raw pixels, 0 1 for x/255); unbounded without it.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_handle_errors
+def synthesize(model, out, num_samples, seed, steps, input_range, overwrite):
+    """Generate calibration inputs for MODEL from its BatchNorm statistics and classifier head.
+
+    Random inputs are optimised until every BatchNorm layer sees the mean and
+    standard deviation it recorded in training, and (for a classifier) each
+    input is classified as its target class, classes spread evenly. Use the
+    result with `kpq convert --calibration-data OUT`, or `kpq convert
+    --calibration-data synthetic` to generate and use them in one go.
+    """
+    import numpy as np
+
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in (".npy", ".npz"):
+        raise click.BadParameter(f"'{out}' must end in .npy or .npz.", param_hint="-o/--output")
+    if os.path.exists(out) and not overwrite:
+        raise ExportError(f"'{out}' already exists; use --overwrite to replace it.")
+    options = _synthetic_data(num_samples, seed=seed, steps=steps, input_range=input_range)
+    progress = _Progress()
+    progress.message(f"Loading {model}")
+    original = kpq.load_model(model)
+    if suffix == ".npy" and len(original.inputs) != 1:
+        raise click.BadParameter(
+            f"the model has {len(original.inputs)} inputs; write them to a .npz file.", param_hint="-o/--output"
+        )
+    progress.message(f"Synthesizing {num_samples} inputs, {steps} steps, seed {seed}")
+    result = options.generate(original, progress=progress)
+    progress.message(f"Writing {out}")
+    folder = os.path.dirname(os.path.abspath(out))
+    temporary = os.path.join(folder, f".{os.path.basename(out)}.kpq-tmp{suffix}")
+    try:
+        with open(temporary, "wb") as file:
+            if suffix == ".npy":
+                np.save(file, result.inputs[0])
+            else:
+                np.savez(file, **{t.name: x for t, x in zip(original.inputs, result.inputs)})
+        if os.path.exists(out) and not overwrite:
+            raise ExportError(f"'{out}' appeared while synthesizing; use --overwrite to replace it.")
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    for note in result.notes:
+        click.echo(note)
+    losses = [f"BatchNorm loss {result.batchnorm_loss:.4g}" if result.batchnorm_loss is not None else None,
+              f"class loss {result.class_loss:.4g}" if result.class_loss is not None else None]
+    shapes = ", ".join(f"{x.shape} {x.dtype}" for x in result.inputs)
+    click.echo(f"Wrote {out}: {shapes}; {'; '.join(l for l in losses if l)}; {result.seconds:.1f} s.")

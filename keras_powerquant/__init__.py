@@ -32,9 +32,11 @@ _KERAS_API = {
     "PowerQuantDense": "keras_powerquant.layers",
     "PowerQuantDepthwiseConv2D": "keras_powerquant.layers",
     "load_model": "keras_powerquant.loading",
+    "synthesize_inputs": "keras_powerquant.synthesis",
+    "SyntheticData": "keras_powerquant.synthesis",
 }
 # Subpackages reachable as attributes (`keras_powerquant.layers`), imported on first use.
-_SUBMODULES = ("callbacks", "converter", "evaluation", "export", "layers", "loading", "quantization")
+_SUBMODULES = ("callbacks", "converter", "evaluation", "export", "layers", "loading", "quantization", "synthesis")
 
 
 def __getattr__(name):

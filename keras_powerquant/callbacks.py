@@ -10,6 +10,7 @@ from keras_powerquant.converter import convert
 from keras_powerquant.converter.convert import check_options
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
+from keras_powerquant.synthesis import SyntheticData
 from keras_powerquant.warmup import check_warmup_count
 
 
@@ -35,9 +36,9 @@ class PowerQuantExport(keras.callbacks.Callback):
             epoch end when the direction is unknown (a custom metric).
         formats: "savedmodel", "keras" or "both" (see `export_model`).
         warmup: the number of TF Serving warm-up requests to write into
-            the version (see `export_model`), from the calibration data or
-            zeros; the calibration data must then be re-iterable (an array
-            or a `tf.data.Dataset`, not a generator).
+            the version (see `export_model`), from the calibration data
+            (which must then be re-iterable: an array or a `tf.data.Dataset`,
+            not a generator), or zeros without it or with synthetic data.
         verbose: print where the export went.
         **convert_options: other keyword arguments of `convert`
             (calibration_data, scope, quantize_first_last, ...).
@@ -139,7 +140,7 @@ class PowerQuantExport(keras.callbacks.Callback):
                 report=self.report,
                 float_model=self.model,
                 warmup=self.warmup,
-                warmup_data=self.convert_options.get("calibration_data"),
+                warmup_data=_real_inputs(self.convert_options.get("calibration_data")),
             )
         finally:
             if current is not None:
@@ -173,3 +174,8 @@ def _infer_direction(model, monitor):
         f"PowerQuantExport cannot tell whether '{monitor}' should be maximized or minimized; "
         "pass mode='max' or mode='min'."
     )
+
+
+def _real_inputs(calibration_data):
+    """The calibration data if it holds model inputs, None for synthetic data (generated inside `convert`)."""
+    return None if isinstance(calibration_data, (str, SyntheticData)) else calibration_data

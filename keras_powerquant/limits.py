@@ -1,8 +1,7 @@
-"""The limits of kpq's numeric options, in a module that imports nothing.
+"""The limits and defaults of kpq's numeric options, in a module that imports nothing.
 
-The quantizers, the exporter and the `kpq` command line share them; the
-command line declares its options with them before anything heavy is
-imported.
+The library and the `kpq` command line share them; the command line declares
+its options with them before anything heavy is imported.
 """
 
 # Supported bit widths of weights and activations.
@@ -12,3 +11,7 @@ MAX_BITS = 8
 # TF Serving reads at most this many warm-up records
 # (tensorflow_serving/servables/tensorflow/saved_model_warmup_util.h).
 MAX_WARMUP_REQUESTS = 1000
+
+# Input synthesis (keras_powerquant.synthesis): inputs generated, Adam steps per batch.
+DEFAULT_NUM_SAMPLES = 32
+DEFAULT_STEPS = 50

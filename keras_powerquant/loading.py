@@ -130,6 +130,18 @@ def load_model(path):
     return model
 
 
+def resolve_model(model):
+    """`(model, notes)` for a model or a model file, as `convert` takes it.
+
+    A path is loaded with `load_model_with_notes`; a `keras.Model` is
+    checked with `check_convertible` and comes back with no notes.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_with_notes(model)
+    check_convertible(model)
+    return model, []
+
+
 def has_layer_graph(model):
     """Whether `model` computes exactly its layer graph.
 

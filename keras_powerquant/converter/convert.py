@@ -1,6 +1,6 @@
 """`convert`: a trained Keras model in, a PowerQuant Keras model and a report out."""
 
-import os
+import dataclasses
 import time
 
 import keras
@@ -16,8 +16,7 @@ from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
 from keras_powerquant.converter.plan import plan_conversion
 from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.errors import InvalidModelError
-from keras_powerquant.loading import check_convertible
-from keras_powerquant.loading import load_model_with_notes
+from keras_powerquant.loading import resolve_model
 from keras_powerquant.quantization.search import ActivationErrorModel
 from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
 from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
@@ -30,16 +29,10 @@ from keras_powerquant.quantization.validation import check_bits
 from keras_powerquant.report import ActivationReport
 from keras_powerquant.report import ConversionReport
 from keras_powerquant.report import LayerReport
+from keras_powerquant.synthesis import SyntheticData
 
 METHODS = ("powerquant", "uniform")
 SCOPES = ("layer", "network")
-
-
-def _resolve_model(model):
-    if isinstance(model, (str, os.PathLike)):
-        return load_model_with_notes(model)
-    check_convertible(model)
-    return model, []
 
 
 def _check_weights(model):
@@ -201,7 +194,10 @@ def convert(
             dict of arrays, `(x, y)` or `(x, y, sample_weight)` (`x` is
             used), a `tf.data.Dataset`, or an iterable of such batches.
             Lists follow `model.inputs` order (Keras sorts dict inputs by
-            key); dicts are matched by input name.
+            key); dicts are matched by input name. `"synthetic"`
+            generates inputs from the model itself (`synthesize_inputs`
+            with its defaults); a `SyntheticData(num_samples=...,
+            input_range=...)` sets its options.
         scope: "layer" (one exponent per layer) or "network" (one weight
             exponent and one activation exponent shared by all layers).
         per_channel: one weight scale per output channel, or per tensor.
@@ -231,23 +227,37 @@ def convert(
         UnsupportedModelError: a subclassed or unbuilt model.
         InvalidModelError: weights with NaN or Inf.
         CalibrationDataError: calibration data that does not fit the model.
+        UnsupportedModelError: `"synthetic"` for a model with neither
+            BatchNorm layers nor a classifier output.
         ValueError: invalid options.
     """
     check_options(
         wbits, abits, method, scope, p, exponent_bounds, first_last_bits, calibration_batch_size, calibration_steps
     )
+    if isinstance(calibration_data, str):
+        if calibration_data != "synthetic":
+            raise ValueError(f'`calibration_data` as a string must be "synthetic"; got {calibration_data!r}.')
+        calibration_data = SyntheticData()
     seconds = {}
     started = time.perf_counter()
 
     def report_progress(stage):
         return lambda done, total: progress(stage, done, total) if progress else None
 
-    model, notes = _resolve_model(model)
+    model, notes = resolve_model(model)
     _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
     seconds["analysis"] = time.perf_counter() - started
+
+    synthetic = calibration_data if isinstance(calibration_data, SyntheticData) else None
+    if synthetic is not None:
+        mark = time.perf_counter()
+        synthesis = synthetic.generate(model, progress=progress)
+        inputs = synthesis.inputs
+        calibration_data, notes = (inputs[0] if len(inputs) == 1 else inputs), notes + synthesis.notes
+        seconds["synthesis"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     if calibration_data is None:
@@ -291,6 +301,8 @@ def convert(
         "fast_activations": fast_activations,
         "calibrated": calibration_data is not None,
     }
+    if synthetic is not None:
+        options["synthetic"] = dataclasses.asdict(synthetic)
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
     report = _report(graph, plan, folds, unfolded, options, notes, seconds)
     return quantized_model, report
@@ -308,7 +320,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         wbits, abits, quantize_first_last, first_last_bits: as in `convert`.
     """
     check_options(wbits, abits, first_last_bits=first_last_bits)
-    model, notes = _resolve_model(model)
+    model, notes = resolve_model(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
@@ -331,7 +343,7 @@ def fold_batch_norms(model):
         `(folded_model, report)`: the folded `keras.Model` and a
         `ConversionReport` listing folded and kept BatchNorms.
     """
-    model, notes = _resolve_model(model)
+    model, notes = resolve_model(model)
     _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
