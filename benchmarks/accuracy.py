@@ -3,18 +3,24 @@
 What is measured: the MLPerf Tiny ResNet-8 on the first 932 CIFAR-10 test
 images (raw 0-255 float32 pixels, no scaling, as the model expects), as
 float and converted at W8/A8, W6/A6, W4/A8 and W4/A4, each with
-`method="uniform"` (a = 1) and `method="powerquant"`, data-free
+`method="uniform"` (a = 1), the default `method="powerquant"` (activation
+exponents among 1, 1/2, 1/4) and `powerquant-continuous` (activation
+exponents anywhere in [0.1, 2], the default before 0.2), data-free
 (BatchNorm statistics) and calibrated on the first 512 images of
-`train_4660.npz` (never test images). Every model, the float one included,
+`train_4660.npz` (never test images); and weight-only at W8 and W4
+(`abits=None`, uniform and PowerQuant; calibration only concerns
+activations, so data-free alone). Every model, the float one included,
 is exported with `kpq.export_model` and evaluated through its SavedModel
 (`load_predictor` on the version folder), which is what a server would run;
 the in-memory Keras model is evaluated too, and the number of images whose
 top-1 class differs between the two is recorded.
 
-All models see the same images, so PowerQuant and uniform are compared
-paired: for each pair, the images right in one and wrong in the other
-(McNemar counts), the paired difference of top-1 with its standard error,
-and McNemar's exact two-sided p-value.
+All models see the same images, so models are compared paired (each
+PowerQuant variant with uniform; the default with the continuous
+exponents; weight-only with W/A and float): for each pair, the images
+right in one and wrong in the other (McNemar counts), the paired
+difference of top-1 with its standard error, and McNemar's exact two-sided
+p-value.
 """
 
 import os
@@ -30,9 +36,10 @@ from keras_powerquant.evaluation import load_predictor
 
 BIT_CONFIGS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 QUICK_BIT_CONFIGS = [(8, 8), (4, 4)]
+WEIGHT_ONLY_BITS = (8, 4)
 METHODS = tuple(common.VARIANTS)
 # Each PowerQuant variant is compared with uniform on the same images.
-COMPARED = ("powerquant", "powerquant-fast")
+COMPARED = ("powerquant", "powerquant-continuous")
 CALIBRATIONS = ("data-free", "calibrated")
 CALIBRATION_IMAGES = 512
 BATCH_SIZE = 128
@@ -117,6 +124,14 @@ def run(quick=False):
                         {"name": name, "wbits": wbits, "abits": abits, "method": method,
                          "calibration": calibration_name, **entry}
                     )
+        for wbits in WEIGHT_ONLY_BITS:
+            for method in ("uniform", "powerquant"):
+                quantized, report = common.convert_variant(model, wbits, None, method)
+                name = f"{common.bits_label(wbits, None)} {method}"
+                folder = common.export_saved_model(quantized, os.path.join(tmp, f"w{wbits}-{method}"), report, model)
+                entry, hits[name] = _evaluate(quantized, folder, x, y)
+                results.append({"name": name, "wbits": wbits, "abits": None, "method": method,
+                                "calibration": None, **entry})
     pairs = []
     for wbits, abits in configs:
         for calibration_name in CALIBRATIONS:
@@ -128,6 +143,17 @@ def run(quick=False):
                     {"bits": label, "calibration": calibration_name, "variant": variant, "a": powerquant,
                      "b": uniform, **paired_comparison(hits[powerquant], hits[uniform])}
                 )
+    other_pairs = []
+    for wbits, abits in configs:
+        for calibration_name in CALIBRATIONS:
+            label = common.bits_label(wbits, abits)
+            other_pairs.append((f"{label} powerquant {calibration_name}", f"{label} powerquant-continuous {calibration_name}"))
+    for wbits in WEIGHT_ONLY_BITS:
+        label = common.bits_label(wbits, None)
+        other_pairs += [(f"{label} powerquant", f"{label} uniform"), (f"{label} powerquant", "float")]
+        if (wbits, wbits) in configs:
+            other_pairs.append((f"{label} powerquant", f"{common.bits_label(wbits, wbits)} powerquant data-free"))
+    comparisons = [{"a": a, "b": b, **paired_comparison(hits[a], hits[b])} for a, b in other_pairs]
     return {
         "model": common.MODELS["resnet8"][0],
         "test_data": f"{common.CIFAR_TEST_FILE} (raw 0-255 float32, no scaling)",
@@ -136,6 +162,7 @@ def run(quick=False):
         "quick": quick,
         "results": results,
         "pairs": pairs,
+        "comparisons": comparisons,
     }
 
 
@@ -144,13 +171,13 @@ def plot(result, folder):
     if "skipped" in result:
         return []
     plt = common.pyplot()
-    quantized = [r for r in result["results"] if r["method"] != "float"]
+    quantized = [r for r in result["results"] if r["method"] != "float" and r["abits"] is not None]
     labels = list(dict.fromkeys(common.bits_label(r["wbits"], r["abits"]) for r in quantized))
     series = [(c, m) for c in CALIBRATIONS for m in METHODS]
     colors = {
         "uniform": ("#9ecae1", "#3182bd"),
         "powerquant": ("#fdae6b", "#e6550d"),
-        "powerquant-fast": ("#a1d99b", "#31a354"),
+        "powerquant-continuous": ("#a1d99b", "#31a354"),
     }
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -201,8 +228,9 @@ def markdown(result):
     lines += [
         "PowerQuant vs uniform, paired on the same images: images right only with the PowerQuant "
         "variant (PQ only) or only with uniform (U only), the difference of top-1 (PowerQuant - "
-        "uniform) ± its paired standard error, and McNemar's exact p-value. `powerquant-fast` "
-        "restricts activation exponents to 1, 1/2, 1/4 (`fast_activations=True`).",
+        "uniform) ± its paired standard error, and McNemar's exact p-value. `powerquant` (the "
+        "default) chooses activation exponents among 1, 1/2, 1/4; `powerquant-continuous` "
+        "(`fast_activations=False`, the default before 0.2) fits them anywhere in [0.1, 2].",
         "",
     ]
     rows = [
@@ -215,6 +243,18 @@ def markdown(result):
             ["bits", "activations", "variant", "PQ only", "U only", "Δ top-1 (points)", "McNemar p"], rows
         )
     )
+    lines += [
+        "",
+        "Other paired comparisons (same images): the default against the continuous exponents, "
+        "and weight-only (`abits=None`, activations float) against uniform, float and W/A.",
+        "",
+    ]
+    rows = [
+        [c["a"], c["b"], c["right_only_a"], c["right_only_b"],
+         f"{c['difference'] * 100:+.2f} ± {c['stderr'] * 100:.2f}", f"{c['mcnemar_p']:.3g}"]
+        for c in result.get("comparisons", [])
+    ]
+    lines.append(common.markdown_table(["a", "b", "a only", "b only", "Δ top-1 (a - b, points)", "McNemar p"], rows))
     return "\n".join(lines)
 
 

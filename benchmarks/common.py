@@ -116,10 +116,13 @@ def random_inputs(name, model, batch, seed=SEED):
 
 
 # Conversion variants the benchmarks compare: name -> convert() arguments.
+# "powerquant" is the default (activation exponents among 1, 1/2, 1/4);
+# "powerquant-continuous" fits activation exponents anywhere (the default
+# before version 0.2).
 VARIANTS = {
     "uniform": {"method": "uniform"},
     "powerquant": {"method": "powerquant"},
-    "powerquant-fast": {"method": "powerquant", "fast_activations": True},
+    "powerquant-continuous": {"method": "powerquant", "fast_activations": False},
 }
 
 
@@ -129,12 +132,14 @@ def convert_variant(model, wbits, abits, variant, **options):
 
 
 def bits_label(wbits, abits):
-    return f"W{wbits}/A{abits}"
+    return f"W{wbits}/A{'float' if abits is None else abits}"
 
 
-def export_saved_model(model, folder, report=None, float_model=None):
+def export_saved_model(model, folder, report=None, float_model=None, decode_weights="load"):
     """Exports `model` with `kpq.export_model`; returns the SavedModel (version) folder."""
-    return kpq.export_model(model, folder, report=report, float_model=float_model).saved_model_dir
+    return kpq.export_model(
+        model, folder, report=report, float_model=float_model, decode_weights=decode_weights
+    ).saved_model_dir
 
 
 def serving_function(saved_model_dir):

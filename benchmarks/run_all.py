@@ -1,6 +1,6 @@
 """Runs every benchmark and writes results.json, RESULTS.md and plots/.
 
-`python benchmarks/run_all.py [--quick] [--out benchmarks]`
+`python benchmarks/run_all.py [--quick] [--out benchmarks] [--only NAME,...]`
 
 - `results.json`: the machine description and every benchmark's raw numbers;
 - `RESULTS.md`: the machine, the command, and each benchmark's tables;
@@ -10,6 +10,8 @@ Benchmarks run one after another in this process, timing benchmarks first.
 A benchmark whose data is missing records why and the others still run.
 `--quick` runs fewer configurations and repeats (and no MobileNetV2 or
 ResNet50 inference); its numbers are marked as quick-run numbers.
+`--only` reruns the named benchmarks and keeps the others' results from
+`OUT/results.json`; each section names the command that produced it.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import keras
 import accuracy
 import activation_ops
 import conversion_time
+import demo_accuracy
 import inference_cost
 import sizes
 import synthetic_calibration
@@ -35,6 +38,7 @@ BENCHMARKS = {
     "inference_cost": inference_cost,
     "conversion_time": conversion_time,
     "accuracy": accuracy,
+    "demo_accuracy": demo_accuracy,
     "sizes": sizes,
     "weight_error": weight_error,
 }
@@ -88,8 +92,18 @@ def _results_markdown(results):
         "",
     ]
     for name, module in BENCHMARKS.items():
-        result = results["benchmarks"][name]
-        lines += [module.markdown(result), "", f"_{name}: {result['wall_seconds']:.0f} s._", ""]
+        result = results["benchmarks"].get(name)
+        if result is None:
+            continue
+        command = result.get("command", results["command"])
+        run = result.get("run", results["machine"])
+        lines += [
+            module.markdown(result),
+            "",
+            f"_{name}: {result['wall_seconds']:.0f} s, `{command}`, commit {run['git_commit']}, {run['date']}, "
+            f"load average at start {' / '.join(str(v) for v in run['load_average_at_start'])}._",
+            "",
+        ]
         for path in results["plots"][name]:
             lines += [f"![{name}]({path})", ""]
     for name, module in STANDALONE.items():
@@ -107,37 +121,49 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer configurations and repeats (minutes)")
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                         help="folder for results.json, RESULTS.md and plots/ (default: benchmarks/)")
+    parser.add_argument("--only", help="comma-separated benchmarks to rerun; the others' results are kept "
+                        f"from OUT/results.json ({', '.join(BENCHMARKS)})")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     plots = os.path.join(out, "plots")
     os.makedirs(plots, exist_ok=True)
-    results = {
-        "command": " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]]),
-        "quick": args.quick,
-        "machine": common.machine_description(),
-        "benchmarks": {},
-        "plots": {},
-    }
+    command = " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]])
+    selected = list(BENCHMARKS)
+    results = {"command": command, "quick": args.quick, "benchmarks": {}, "plots": {}}
+    if args.only:
+        selected = [name.strip() for name in args.only.split(",")]
+        unknown = sorted(set(selected) - set(BENCHMARKS))
+        if unknown:
+            parser.error(f"unknown benchmarks {unknown}; choose among {list(BENCHMARKS)}")
+        with open(os.path.join(out, "results.json"), encoding="utf-8") as file:
+            results = json.load(file)
+    machine = common.machine_description()
+    if not args.only:
+        results["machine"] = machine
     if not common.shared_data_dir().is_dir():
         print(f"shared data folder {common.shared_data_dir()} not found (set KPQ_SHARED_DATA): "
               "the benchmarks on the MLPerf Tiny models are skipped", file=sys.stderr)
     started = time.perf_counter()
-    for name, module in BENCHMARKS.items():
+    for name in selected:
+        module = BENCHMARKS[name]
         print(f"[{time.perf_counter() - started:6.0f} s] {name}...", flush=True)
         mark = time.perf_counter()
         result = module.run(quick=args.quick)
         result["wall_seconds"] = time.perf_counter() - mark
+        result["command"] = command
+        result["run"] = {key: machine[key] for key in ("git_commit", "date", "load_average_at_start")}
         results["benchmarks"][name] = result
         results["plots"][name] = [os.path.relpath(path, out) for path in module.plot(result, plots)]
         keras.backend.clear_session()
         gc.collect()
-    results["total_seconds"] = time.perf_counter() - started
+    if not args.only:
+        results["total_seconds"] = time.perf_counter() - started
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
     with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as file:
         file.write(_results_markdown(results))
         file.write(f"_Total: {results['total_seconds'] / 60:.1f} min._\n")
-    print(f"[{results['total_seconds']:6.0f} s] wrote {out}/results.json, RESULTS.md and plots/", file=sys.stderr)
+    print(f"[{time.perf_counter() - started:6.0f} s] wrote {out}/results.json, RESULTS.md and plots/", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from keras_powerquant.errors import EvaluationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
+from keras_powerquant.limits import DECODE_WEIGHTS
 from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
 from keras_powerquant.limits import DEFAULT_STEPS
 from keras_powerquant.limits import MAX_BITS
@@ -31,6 +32,20 @@ from keras_powerquant.limits import MAX_WARMUP_REQUESTS
 from keras_powerquant.limits import MIN_BITS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
+
+
+class _ActivationBits(click.ParamType):
+    """An activation bit width, or "float" (None) for weight-only quantization."""
+
+    name = "BITS|float"
+
+    def convert(self, value, param, context):
+        if value is None or (isinstance(value, str) and value.lower() == "float"):
+            return None
+        return BITS.convert(value, param, context)
+
+
+ACTIVATION_BITS = _ActivationBits()
 
 
 def _handle_errors(command):
@@ -164,7 +179,8 @@ def _format_bytes(count):
 @click.argument("model", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Export folder (TF Serving base path).")
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width.")
-@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width.")
+@click.option("--abits", type=ACTIVATION_BITS, default="4", show_default=True,
+              help="Activation bit width, or 'float' to quantize the weights only.")
 @click.option(
     "--method",
     type=click.Choice(["powerquant", "uniform"]),
@@ -186,20 +202,25 @@ def _format_bytes(count):
 @click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
               help="One exponent per layer, or one shared by all layers.")
 @click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
-@click.option("--fast-activations", is_flag=True,
-              help="Activation exponents among 1, 1/2, 1/4 only: about as fast as uniform at inference.")
+@click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
+              help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
+              "inference), or fitted anywhere (two exp/log pairs per activation).")
 @click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
               help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
               show_default=True, help="In the version folder: a SavedModel, a .keras file, or both.")
 @click.option("--overwrite", is_flag=True, help="Replace this version if it exists.")
+@click.option("--decode-weights", type=click.Choice(DECODE_WEIGHTS), default="load", show_default=True,
+              help="When the SavedModel decodes its weight codes: once at load (float kernels in serving "
+              "memory, float speed) or on every call (codes only in memory). The files hold codes either way.")
 @click.option("--warmup", type=click.IntRange(0, MAX_WARMUP_REQUESTS), default=0, metavar="N",
               help="Write N TF Serving warm-up requests into the version (assets.extra/), one example each, "
               "from --calibration-data (a file) or zeros.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
-            scope, quantize_first_last, fast_activations, version, output_format, overwrite, warmup, as_json):
+            scope, quantize_first_last, fast_activations, version, output_format, overwrite, decode_weights, warmup,
+            as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -245,7 +266,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     else:
         calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
         mode = "calibrated" if calibration is not None else "data-free"
-    progress.message(f"Converting: {method}, W{wbits}/A{abits}, {mode}")
+    progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
     quantized, report = kpq.convert(
         original,
         wbits,
@@ -268,6 +289,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         report=report,
         float_model=original,
         overwrite=overwrite,
+        decode_weights=decode_weights,
         warmup=warmup,
         warmup_data=None if synthetic else calibration,
     )
@@ -293,11 +315,19 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     for label, path in (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path)):
         if path:
             click.echo(f"{label}: {path}")
+    if result.saved_model_dir:
+        click.echo(f"Serving: {_DECODING[decode_weights]}")
     if warmup:
         from keras_powerquant.warmup import WARMUP_FILE
 
         click.echo(f"Warm-up requests: {warmup} in {os.path.join(result.saved_model_dir, WARMUP_FILE)}")
     click.echo(f"Done in {elapsed:.1f} s.")
+
+
+_DECODING = {
+    "load": "weight codes decoded once when the SavedModel loads (float kernels in memory)",
+    "call": "weight codes decoded on every call (codes only in memory)",
+}
 
 
 def _converted_layers_table(loaded):
@@ -317,7 +347,8 @@ def _converted_layers_table(loaded):
 @main.command()
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bit width to plan for.")
-@click.option("--abits", type=BITS, default=4, show_default=True, help="Activation bit width to plan for.")
+@click.option("--abits", type=ACTIVATION_BITS, default="4", show_default=True,
+              help="Activation bit width to plan for, or 'float' (weights only).")
 @click.option("--quantize-first-last", is_flag=True, help="Plan the first and last layers at --wbits/--abits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @_handle_errors
@@ -343,7 +374,11 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
             click.echo(f"  {row['layer']:<32} {row['class']:<26} {details}")
         return
     report = kpq.inspect_model(loaded, wbits, abits, quantize_first_last)
-    click.echo(report.to_json() if as_json else report.summary())
+    if as_json:
+        click.echo(report.to_json())
+        return
+    click.echo(report.summary())
+    click.echo(f"Export (kpq convert): {_DECODING['load']}; --decode-weights call decodes on every call.")
 
 
 def _inspect_export(folder, as_json):
@@ -374,6 +409,8 @@ def _inspect_export(folder, as_json):
             f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
+    if "serving" in metadata:
+        click.echo(f"Serving: {_DECODING[metadata['serving']['decode_weights']]}")
     signature = metadata.get("signature", {})
     for key, name in signature.get("input_names", {}).items():
         click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")

@@ -8,6 +8,7 @@ import numpy as np
 
 from keras_powerquant.converter import convert
 from keras_powerquant.converter.convert import check_options
+from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
 from keras_powerquant.synthesis import SyntheticData
@@ -39,6 +40,7 @@ class PowerQuantExport(keras.callbacks.Callback):
             the version (see `export_model`), from the calibration data
             (which must then be re-iterable: an array or a `tf.data.Dataset`,
             not a generator), or zeros without it or with synthetic data.
+        decode_weights: "load" or "call" (see `export_model`).
         verbose: print where the export went.
         **convert_options: other keyword arguments of `convert`
             (calibration_data, scope, quantize_first_last, ...).
@@ -58,6 +60,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         monitor=None,
         mode="auto",
         formats="savedmodel",
+        decode_weights="load",
         warmup=0,
         verbose=1,
         **convert_options,
@@ -77,6 +80,8 @@ class PowerQuantExport(keras.callbacks.Callback):
                 "Warm-up requests are taken from the calibration data after the conversion has read it: "
                 "give it as an array or a tf.data.Dataset, not an iterator or generator."
             )
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; got {mode!r}.")
         self.export_dir = export_dir
@@ -85,6 +90,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         self.mode = mode
         self.formats = formats
         self.warmup = warmup
+        self.decode_weights = decode_weights
         self.verbose = verbose
         self.convert_options = convert_options
         self.result = self.report = self.best_epoch = None
@@ -137,6 +143,7 @@ class PowerQuantExport(keras.callbacks.Callback):
                 self.export_dir,
                 None,
                 formats=self.formats,
+                decode_weights=self.decode_weights,
                 report=self.report,
                 float_model=self.model,
                 warmup=self.warmup,

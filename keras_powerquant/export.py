@@ -54,6 +54,10 @@ import tensorflow as tf
 
 from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.errors import ExportError
+from keras_powerquant.layers import QuantizedKernelLayer
+from keras_powerquant.layers.load_time_decoding import decoded_kernels
+from keras_powerquant.layers.load_time_decoding import DecodedKernel
+from keras_powerquant.limits import DECODE_WEIGHTS
 from keras_powerquant.warmup import check_warmup_count
 from keras_powerquant.warmup import warmup_examples
 from keras_powerquant.warmup import write_warmup_requests
@@ -131,11 +135,18 @@ class _ServingModule(tf.Module):
     `tf.Variable`s the traced function captures, so TensorFlow stores every
     weight twice (keras-team/keras#23553). Tracking only the raw variables
     avoids that: the checkpoint holds each weight once.
+
+    With `decode_weights="load"`, each quantized layer's kernel is read from
+    a `DecodedKernel`, filled from its codes when the SavedModel is loaded.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, decode_weights="load"):
         super().__init__(name="kpq_serving")
         self.model_variables = [_raw_variable(v) for v in model.variables]
+        layers = model._flatten_layers(include_self=False, recursive=True)
+        self.decoded_kernels = [
+            DecodedKernel(layer) for layer in layers if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
+        ]
         input_keys = signature_keys([t.name for t in model.inputs])
         output_keys = signature_keys(list(model.output_names))
         input_dtypes = [t.dtype for t in model.inputs]
@@ -145,7 +156,8 @@ class _ServingModule(tf.Module):
         @tf.function(input_signature=specs)
         def serve(*inputs):
             cast = [tf.cast(x, dtype) for x, dtype in zip(inputs, input_dtypes)]
-            outputs = model(keras.tree.pack_sequence_as(input_struct, cast), training=False)
+            with decoded_kernels(self.decoded_kernels):
+                outputs = model(keras.tree.pack_sequence_as(input_struct, cast), training=False)
             flat = keras.tree.flatten(outputs)
             return {key: tf.cast(y, tf.float32) for key, y in zip(output_keys, flat)}
 
@@ -166,18 +178,22 @@ def directory_bytes(path):
     )
 
 
-def save_serving_model(model, path):
+def save_serving_model(model, path, decode_weights="load"):
     """Writes `model` as a TF Serving SavedModel at `path` (a new or empty folder).
 
     The SavedModel has tag "serve" and one signature, `serving_default`
     (method tensorflow/serving/predict), float32 in and out. Its input and
     output keys are the model's input and output names, made valid where
-    needed by `signature_keys`.
+    needed by `signature_keys`. Quantized kernels are stored as codes and
+    decoded when the SavedModel is loaded (`decode_weights="load"`) or on
+    every call ("call").
 
     Returns:
         The signature's input keys, in `model.inputs` order.
     """
-    module = _ServingModule(model)
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
+    module = _ServingModule(model, decode_weights)
     tf.saved_model.save(
         module, path, signatures={SERVING_SIGNATURE: module.serve.get_concrete_function()}
     )
@@ -267,12 +283,13 @@ def check_exportable(model, formats="savedmodel"):
             )
 
 
-def _metadata(model, report, sizes):
+def _metadata(model, report, sizes, decode_weights):
     input_keys = signature_keys([t.name for t in model.inputs])
     output_keys = signature_keys(list(model.output_names))
     return {
         "report": report.to_dict() if report is not None else None,
         "sizes": sizes,
+        "serving": {"decode_weights": decode_weights},
         "signature": {
             "name": SERVING_SIGNATURE,
             "inputs": {key: list(t.shape) for key, t in zip(input_keys, model.inputs)},
@@ -304,6 +321,7 @@ def export_model(
     report=None,
     float_model=None,
     overwrite=False,
+    decode_weights="load",
     warmup=0,
     warmup_data=None,
 ):
@@ -324,6 +342,11 @@ def export_model(
         report: the `ConversionReport` to record in the version.
         float_model: the original float model, to record sizes against.
         overwrite: replace an existing version as a whole.
+        decode_weights: "load" (default): the SavedModel decodes its weight
+            codes once, when it is loaded, and then serves at the cost of a
+            float model, holding float kernels in memory beside the codes;
+            "call": it decodes them on every call (a gather and a scale per
+            layer), holding only the codes. The files store codes either way.
         warmup: the number of TF Serving warm-up requests to write into the
             SavedModel (`assets.extra/tf_serving_warmup_requests`, at most
             1000), each calling `serving_default` with one example; 0 for none.
@@ -340,6 +363,8 @@ def export_model(
     """
     if formats not in FORMATS:
         raise ExportError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
     version = check_version(version)
     if overwrite and version is None:
         raise ExportError("overwrite=True needs the version to replace; got version=None (the next one).")
@@ -358,7 +383,7 @@ def export_model(
             remove_stale_staging(export_dir)
         staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_owner_tag()}-", dir=export_dir)
         try:
-            _write_version(model, staging, formats, report, float_model, warmup_inputs)
+            _write_version(model, staging, formats, report, float_model, decode_weights, warmup_inputs)
             with _folder_lock(export_dir):
                 version = _publish(staging, export_dir, version, overwrite)
         finally:
@@ -377,7 +402,7 @@ def export_model(
     )
 
 
-def _write_version(model, folder, formats, report, float_model, warmup_inputs):
+def _write_version(model, folder, formats, report, float_model, decode_weights, warmup_inputs):
     """Writes every artifact of a version into `folder`, the report last.
 
     `warmup_inputs`: one list of arrays (in `model.inputs` order) per warm-up request.
@@ -387,7 +412,7 @@ def _write_version(model, folder, formats, report, float_model, warmup_inputs):
         sizes["float_variable_bytes"] = variable_bytes(float_model)
         sizes["variable_ratio"] = sizes["variable_bytes"] / sizes["float_variable_bytes"]
     if formats in ("savedmodel", "both"):
-        input_keys = save_serving_model(model, folder)
+        input_keys = save_serving_model(model, folder, decode_weights)
         if warmup_inputs:
             requests = [dict(zip(input_keys, example)) for example in warmup_inputs]
             write_warmup_requests(folder, requests, SERVING_SIGNATURE)
@@ -395,7 +420,7 @@ def _write_version(model, folder, formats, report, float_model, warmup_inputs):
     if formats in ("keras", "both"):
         model.save(os.path.join(folder, KERAS_FILE))
     with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as file:
-        json.dump(_metadata(model, report, sizes), file, indent=2)
+        json.dump(_metadata(model, report, sizes, decode_weights), file, indent=2)
 
 
 def _exists_error(export_dir, version, meanwhile=False):

@@ -15,3 +15,7 @@ MAX_WARMUP_REQUESTS = 1000
 # Input synthesis (keras_powerquant.synthesis): inputs generated, Adam steps per batch.
 DEFAULT_NUM_SAMPLES = 32
 DEFAULT_STEPS = 50
+
+# When an exported SavedModel decodes its weight codes: once when loaded (a
+# float kernel in memory, a float model's call cost) or on every call.
+DECODE_WEIGHTS = ("load", "call")

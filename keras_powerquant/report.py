@@ -137,7 +137,9 @@ class ConversionReport:
 
     def summary(self):
         """A readable multi-line table of the conversion."""
-        lines = [f"Model '{self.model_name}': {_options_line(self.options)}", ""]
+        lines = [f"Model '{self.model_name}': {_options_line(self.options)}"]
+        activations = _activation_exponent_line(self.options)
+        lines += ([activations] if activations else []) + [""]
         header = f"{'layer':<28} {'kind':<22} {'bits':>4} {'exponent':>8} {'err/uniform':>11}  input"
         lines += [header, "-" * len(header)]
         for layer in self.layers:
@@ -197,6 +199,23 @@ def _fmt_ratio(ratio):
     return "-" if ratio is None else f"{ratio:.3f}"
 
 
+def _activation_exponent_line(options):
+    """What the activation exponents cost at inference, when activations are quantized."""
+    if options.get("abits") is None or "fast_activations" not in options:
+        return None
+    if options.get("method") == "uniform":
+        return "Activation exponents: a = 1 (one FakeQuant op per activation)."
+    if options["fast_activations"]:
+        return ("Activation exponents: among 1, 1/2, 1/4 (square roots and squares: as cheap as "
+                "uniform at inference; fast_activations=False / --continuous-activations fits any).")
+    return "Activation exponents: continuous (two exp/log pairs per activation at inference)."
+
+
 def _options_line(options):
     keys = ("method", "wbits", "abits", "scope", "fast_activations", "calibrated")
-    return ", ".join(f"{k}={options[k]}" for k in keys if k in options)
+    # abits None is weight-only quantization: activations stay float.
+    shown = options
+    if options.get("abits", 0) is None:
+        shown = {k: v for k, v in options.items() if k != "fast_activations"}
+        shown["abits"] = "float"
+    return ", ".join(f"{k}={shown[k]}" for k in keys if k in shown)

@@ -6,6 +6,9 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import kernels
 from tensorflow.python.framework import op_def_registry
 
+# The init op TensorFlow's loaders (Python and C++) run after restoring the variables.
+LOAD_SIGNATURE = "__saved_model_init_op"
+
 
 def _meta_graph(saved_model_dir):
     saved_model = saved_model_pb2.SavedModel()
@@ -47,6 +50,11 @@ def serving_nodes(saved_model_dir, signature="serving_default"):
                 reached.append(inner)
                 stack.extend(_called_functions(inner))
     return reached
+
+
+def load_nodes(saved_model_dir):
+    """NodeDefs that run once when the SavedModel is loaded: its resource initializers."""
+    return serving_nodes(saved_model_dir, LOAD_SIGNATURE)
 
 
 def _attr(node, name):

@@ -390,8 +390,8 @@ def test_failed_export_adds_nothing_to_the_export_folder(model_copy, export_v1, 
 
     original = export.save_serving_model
 
-    def save_then_fail(model, path):
-        original(model, path)  # a complete SavedModel in the staging folder...
+    def save_then_fail(*args, **kwargs):
+        original(*args, **kwargs)  # a complete SavedModel in the staging folder...
         raise OSError("disk full")  # ...then the export fails
 
     monkeypatch.setattr(export, "save_serving_model", save_then_fail)

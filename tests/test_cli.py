@@ -284,13 +284,16 @@ def test_scope_network_shares_one_exponent(small_export, small, tmp_path):
     assert len({a["exponent"] for a in report["activations"] if a["status"] == "quantized"}) == 1
 
 
-def test_fast_activations_flag(small, tmp_path):
+@pytest.mark.parametrize("flag", [None, "--fast-activations", "--continuous-activations"])
+def test_fast_activations_flag(small, tmp_path, flag):
     out = tmp_path / "out"
-    _convert_ok(small[1]["keras"], "-o", out, "--fast-activations")
+    result = _convert_ok(small[1]["keras"], "-o", out, *([flag] if flag else []))
     report = _report(out)["report"]
-    assert report["options"]["fast_activations"] is True
+    fast = flag != "--continuous-activations"
+    assert report["options"]["fast_activations"] is fast
     exponents = {a["exponent"] for a in report["activations"] if a["status"] == "quantized"}
-    assert exponents and exponents <= {0.25, 0.5, 1.0}
+    assert exponents and (exponents <= {0.25, 0.5, 1.0}) == fast
+    assert ("among 1, 1/2, 1/4" if fast else "continuous") in result.stdout
 
 
 # ---------------------------------------------------------------------------

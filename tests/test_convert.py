@@ -327,11 +327,13 @@ def test_first_and_last_layers(converted):
         assert multi.layer(name).position == "first" and multi.layer(name).weight_bits == 8
 
 
-def test_fast_activations_use_square_root_exponents_only(converted, originals):
+def test_default_activation_exponents_are_square_roots_only(converted, originals):
     from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
 
-    model, report = converted("activations", 4, 4, fast_activations=True)
-    _, fitted = converted("activations", 4, 4)
+    model, report = converted("activations", 4, 4)
+    _, fitted = converted("activations", 4, 4, fast_activations=False)
+    assert fitted.options["fast_activations"] is False
+    assert set(a.exponent for a in fitted.activations if a.status == "quantized") - set(FAST_ACTIVATION_EXPONENTS)
     exponents = [a.exponent for a in report.activations if a.status == "quantized"]
     assert exponents and set(exponents) <= set(FAST_ACTIVATION_EXPONENTS)
     assert report.options["fast_activations"] is True

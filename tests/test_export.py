@@ -17,6 +17,7 @@ from keras_powerquant.errors import ExportError
 from keras_powerquant.export import export_model
 from keras_powerquant.export import next_version
 from tests.models import activation_forms_model
+from tests.serving_graph import load_nodes
 from tests.serving_graph import nodes_without_gpu_kernel
 from tests.serving_graph import serving_nodes
 
@@ -100,12 +101,16 @@ def test_saved_model_serves_without_keras_powerquant(resnet8_export, resnet8_w4,
 
 
 def test_every_serving_op_has_a_gpu_kernel(resnet8_export):
-    nodes = serving_nodes(resnet8_export.saved_model_dir)
+    nodes, at_load = serving_nodes(resnet8_export.saved_model_dir), load_nodes(resnet8_export.saved_model_dir)
     ops = {node.op for node in nodes}
-    # Activations: FakeQuant in the power domain; kernels: a gather. No Pow, no Python.
-    assert {"FakeQuantWithMinMaxArgs", "Exp", "Log", "GatherV2"} <= ops
-    assert not ops & {"Pow", "EagerPyFunc", "PyFunc", "PyFuncStateless"}
-    assert nodes_without_gpu_kernel(nodes) == []
+    # Activations (default exponents 1, 1/2, 1/4): FakeQuant between square
+    # roots and squares; kernels: decoded by a gather when the SavedModel is
+    # loaded, read on each call. No exp/log, no Pow, no Python.
+    assert {"FakeQuantWithMinMaxArgs", "Sqrt", "Square", "ReadVariableOp"} <= ops
+    assert not ops & {"GatherV2", "Exp", "Log"}
+    assert {"GatherV2", "AssignVariableOp"} <= {node.op for node in at_load}
+    assert not (ops | {node.op for node in at_load}) & {"Pow", "EagerPyFunc", "PyFunc", "PyFuncStateless"}
+    assert nodes_without_gpu_kernel(nodes + at_load) == []
 
 
 def test_every_activation_form_has_gpu_kernels(tmp_path):
@@ -129,11 +134,15 @@ def test_converted_model_with_signed_inputs_has_gpu_kernels(tmp_path):
     outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(h))
     model = keras.Model(inputs, outputs)
     calibration = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
-    quantized, report = kpq.convert(model, 4, 4, calibration_data=calibration, quantize_first_last=True)
-    assert any(a.signed for a in report.activations) and any(not a.signed for a in report.activations)
-    nodes = serving_nodes(export_model(quantized, tmp_path, 1).saved_model_dir)
-    assert {"Sign", "Abs"} <= {node.op for node in nodes}
-    assert nodes_without_gpu_kernel(nodes) == []
+    # The default exponents (1, 1/2, 1/4) and continuous ones (Sign, Abs, exp/log).
+    for fast, expected_ops in ((True, {"FakeQuantWithMinMaxArgs"}), (False, {"Sign", "Abs", "Exp", "Log"})):
+        quantized, report = kpq.convert(
+            model, 4, 4, calibration_data=calibration, quantize_first_last=True, fast_activations=fast
+        )
+        assert any(a.signed for a in report.activations) and any(not a.signed for a in report.activations)
+        nodes = serving_nodes(export_model(quantized, tmp_path / str(fast), 1).saved_model_dir)
+        assert expected_ops <= {node.op for node in nodes}
+        assert nodes_without_gpu_kernel(nodes) == []
 
 
 def test_gpu_kernel_check_flags_cpu_only_ops(tmp_path):
@@ -222,8 +231,8 @@ def test_killed_export_leaves_no_partial_version(tmp_path):
         import keras, time
         import keras_powerquant.export as export
         original = export.save_serving_model
-        def slow_save(model, path):
-            original(model, path)
+        def slow_save(*args, **kwargs):
+            original(*args, **kwargs)
             time.sleep(60)  # killed here: the SavedModel is staged, not yet moved
         export.save_serving_model = slow_save
         inputs = keras.Input((6,))

@@ -133,7 +133,7 @@ class ModelBuilder:
     def _call_quantized(self, plan, values):
         op = plan.op
         inputs = values[op.input_key]
-        input_quantizer = self._quantizer(plan.input_quantizer.key)
+        input_quantizer = self._quantizer(plan.input_quantizer.key) if plan.input_quantizer else None
         if input_quantizer is not None and input_quantizer.kind == "input":
             if input_quantizer.key not in self.input_quantizers:
                 self.input_quantizers[input_quantizer.key] = _activation_layer(

@@ -76,7 +76,8 @@ def check_options(
 ):
     """Raises ValueError for `convert` options it would reject, before any work."""
     check_bits(wbits, "wbits")
-    check_bits(abits, "abits")
+    if abits is not None:
+        check_bits(abits, "abits")
     check_bits(first_last_bits, "first_last_bits")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
@@ -166,7 +167,7 @@ def convert(
     exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
     quantize_first_last=False,
     first_last_bits=8,
-    fast_activations=False,
+    fast_activations=True,
     calibration_batch_size=DEFAULT_BATCH_SIZE,
     calibration_steps=None,
     progress=None,
@@ -185,7 +186,9 @@ def convert(
         model: a Functional or Sequential `keras.Model`, or the path of a
             `.keras` or `.h5` file.
         wbits: weight bit width, 2 to 8.
-        abits: activation bit width, 2 to 8.
+        abits: activation bit width, 2 to 8, or None for weight-only
+            quantization: weights become codes (BatchNorm folded) and
+            activations stay float, with no quantizer in the graph.
         method: "powerquant" (fitted exponents) or "uniform" (`a = 1`
             everywhere: the baseline).
         calibration_data: optional model inputs to fit activation
@@ -207,11 +210,15 @@ def convert(
         quantize_first_last: quantize the first and last quantized layers
             at `wbits`/`abits` rather than `first_last_bits`.
         first_last_bits: bit width of the first and last layers otherwise.
-        fast_activations: choose each activation exponent among 1, 1/2 and
-            1/4 instead of the whole interval. Those powers are square roots
-            and squares, so quantized activations cost about as much as
-            uniform ones at inference instead of two exp/log pairs; weight
-            exponents are fitted as usual.
+        fast_activations: True (default): choose each activation exponent
+            among 1, 1/2 and 1/4. Those powers are square roots and
+            squares, so quantized activations cost about as much as uniform
+            ones at inference; at 4-bit activations this gave up 0.1-1.6
+            points of top-1 against the continuous fit (not significant at
+            p < 0.05; benchmarks/RESULTS.md). False: fit it anywhere in
+            `exponent_bounds`, at the cost of two exp/log pairs per
+            activation at inference. Weight exponents are fitted on the
+            whole interval either way (their decode costs nothing per call).
         calibration_batch_size: batch size for in-memory calibration arrays
             (an integer >= 1).
         calibration_steps: use at most this many calibration batches (an
@@ -329,7 +336,13 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         quantizer.rule = stats[quantizer.key].rule
         if stats[quantizer.key].sampler is None:
             quantizer.reason = "no data-free statistics; needs calibration data"
-    options = {"method": "inspect", "wbits": wbits, "abits": abits, "quantize_first_last": quantize_first_last}
+    options = {
+        "method": "inspect",
+        "wbits": wbits,
+        "abits": abits,
+        "quantize_first_last": quantize_first_last,
+        "fast_activations": True,  # what `convert` does by default
+    }
     return _report(graph, plan, folds, unfolded, options, notes, {})
 
 
@@ -365,6 +378,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
         layer_plan = plan.layers.get(id(layer))
         if layer_plan is not None:
             quantizer = layer_plan.input_quantizer
+            input_quantized = quantizer is not None and quantizer.reason is None
             report.layers.append(
                 LayerReport(
                     name=layer.name,
@@ -376,8 +390,8 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
                     exponent=layer_plan.fit.exponent if layer_plan.fit else None,
                     error=layer_plan.fit.error if layer_plan.fit else None,
                     uniform_error=layer_plan.fit.uniform_error if layer_plan.fit else None,
-                    input_quantizer=quantizer.name if quantizer.reason is None else None,
-                    input_bits=quantizer.bits if quantizer.reason is None else None,
+                    input_quantizer=quantizer.name if input_quantized else None,
+                    input_bits=quantizer.bits if input_quantized else None,
                     folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
                 )
             )

@@ -70,7 +70,8 @@ class LayerPlan:
 
     Attributes:
         op: the layer's call in the flat graph.
-        weight_bits, input_bits: bit widths of its kernel and its input.
+        weight_bits, input_bits: bit widths of its kernel and its input
+            (`input_bits` None in weight-only mode: the input stays float).
         position: "first", "last", "first+last" or None.
         kernel, bias: float32 weights with any BatchNorm folded in.
         fold: the folded BatchNorm's `Fold`, or None.
@@ -79,7 +80,7 @@ class LayerPlan:
 
     op: object
     weight_bits: int
-    input_bits: int
+    input_bits: Optional[int]
     position: Optional[str]
     kernel: object
     bias: object
@@ -177,7 +178,8 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
     Args:
         graph: the model's `FlatGraph`.
         folds: BatchNorm folds from `plan_folds`.
-        wbits, abits: requested weight and activation bit widths.
+        wbits, abits: requested weight and activation bit widths; `abits`
+            None plans weight-only quantization (no activation quantizers).
         quantize_first_last: quantize the first and last quantized layers
             at `wbits`/`abits` too, instead of `first_last_bits`.
         first_last_bits: their bit width otherwise.
@@ -205,7 +207,7 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
         layers[id(op.layer)] = LayerPlan(
             op=op,
             weight_bits=first_last_bits if wide else wbits,
-            input_bits=first_last_bits if wide else abits,
+            input_bits=None if abits is None else (first_last_bits if wide else abits),
             position=position,
             kernel=kernel,
             bias=bias,
@@ -220,6 +222,8 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
         return quantizers[key]
 
     for plan in layers.values():
+        if plan.input_bits is None:
+            continue
         source_key, producer = _grid_source(graph, plan.op.input_key)
         producer_plan = layers.get(id(producer.layer)) if producer is not None else None
         spec = activation_layer_spec(producer.layer) if producer is not None else None

@@ -35,7 +35,7 @@ class _PowerQuantConv2DBase(QuantizedKernelLayer):
             raise ValueError(f"`data_format` must be channels_last or channels_first; got {data_format!r}.")
 
     def call(self, inputs):
-        kernel = self.dequantized_kernel()
+        kernel = self.call_kernel()
         if self.data_format == "channels_last":
             return self._finish(self._convolve(inputs, kernel))
         # TensorFlow's plain CPU kernels (no oneDNN, e.g. CPUs without AVX-512)

@@ -33,7 +33,7 @@ class PowerQuantDense(QuantizedKernelLayer):
         return (input_shape[-1], self.units)
 
     def call(self, inputs):
-        kernel = self.dequantized_kernel()
+        kernel = self.call_kernel()
         if len(inputs.shape) == 2:
             outputs = tf.matmul(inputs, kernel)
         else:

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant.layers.load_time_decoding import active_decoded_kernel
 from keras_powerquant.quantization.packing import MAX_PACKED_BITS
 from keras_powerquant.quantization.packing import nibble_pair_table
 from keras_powerquant.quantization.packing import pack_nibbles
@@ -27,7 +28,10 @@ class QuantizedKernelLayer(keras.layers.Layer):
     normalized levels `sign(q) (|q| / m)^(1/a)` (at `<= 4` bits, a table of
     both codes of every byte value, which unpacks and decodes at once), then
     scaled per channel; at `a = 1` above 4 bits the decode is a cast and a
-    multiply. The layer then runs the standard float op. Subclasses set
+    multiply. The layer then runs the standard float op. In a SavedModel
+    exported with `decode_weights="load"` (the default), the kernel is
+    decoded once when the SavedModel is loaded instead (see
+    `load_time_decoding`). Subclasses set
     `channel_ndim` and implement `kernel_shape(input_shape)` and `call`.
 
     Args:
@@ -134,6 +138,11 @@ class QuantizedKernelLayer(keras.layers.Layer):
         else:
             values = tf.gather(self._decode_table, indices + self.quantizer.max_code)
         return values * self.kernel_scale
+
+    def call_kernel(self):
+        """The kernel `call` computes with: decoded at load time when exporting so, else now."""
+        decoded = active_decoded_kernel(self)
+        return decoded.read() if decoded is not None else self.dequantized_kernel()
 
     def _finish(self, outputs):
         if self.use_bias:
