@@ -19,12 +19,12 @@ from tests.serving_graph import serving_nodes
 TOLERANCE = 1e-5
 
 
-def _export(model, folder, **options):
+def _export(model, folder, decode_weights="load", **options):
     """`(saved_model_dir, report)` of `model` converted with `options` (or as is, without)."""
     report = None
     if options:
         model, report = kpq.convert(model, **options)
-    return export_model(model, folder, 1).saved_model_dir, report
+    return export_model(model, folder, 1, decode_weights=decode_weights).saved_model_dir, report
 
 
 def _python_outputs(saved_model_dir, inputs):
@@ -96,8 +96,11 @@ def test_resnet8_exports_serve_in_the_cpp_loader(cpp_loader, resnet8_model, cifa
         # int8 codes, the input quantized from calibration, per-tensor scales, square roots.
         "W8/A8 calibrated per-tensor fast": dict(wbits=8, abits=8, calibration_data=calibration,
                                                  per_channel=False, fast_activations=True),
-        # The uniform baseline: a = 1 everywhere, FakeQuant only.
-        "W4/A4 uniform": dict(wbits=4, abits=4, method="uniform", calibration_data=calibration),
+        # The uniform baseline: a = 1 everywhere, FakeQuant only; codes decoded on every call.
+        "W4/A4 uniform, decoded per call": dict(wbits=4, abits=4, method="uniform", calibration_data=calibration,
+                                                decode_weights="call"),
+        # Weight-only: activations stay float.
+        "W4 weight-only": dict(wbits=4, abits=None),
     }
     for index, (label, options) in enumerate(variants.items()):
         path, report = _export(resnet8_model, tmp_path / str(index), **options)
