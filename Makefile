@@ -1,6 +1,7 @@
 # Two entry points, each setting up everything on a fresh machine:
-#   make demo   trains the generated demo CNN, converts it (PowerQuant and
-#               uniform, W4/A4) and prints float vs quantized accuracy
+#   make demo   trains the generated demo CNN (deterministically), converts it
+#               (PowerQuant and uniform, W4/A4, calibrated and refined) and
+#               prints float vs quantized accuracy
 #   make test   runs the test suite
 # Both create the virtualenv $(VENV) and install the project into it first.
 
@@ -20,9 +21,9 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/python -m keras_powerquant.demo $(DEMO)
 	$(BIN)/kpq convert $(DEMO)/model.keras -o $(DEMO)/powerquant --wbits 4 --abits 4 \
-		--calibration-data $(DEMO)/calibration.npy --overwrite
+		--calibration-data $(DEMO)/calibration.npy --refine --overwrite
 	$(BIN)/kpq convert $(DEMO)/model.keras -o $(DEMO)/uniform --wbits 4 --abits 4 --method uniform \
-		--calibration-data $(DEMO)/calibration.npy --overwrite
+		--calibration-data $(DEMO)/calibration.npy --refine --overwrite
 	$(BIN)/kpq evaluate $(DEMO)/model.keras $(DEMO)/uniform $(DEMO)/powerquant --data $(DEMO)/test.npz
 
 # The second run repeats the layer tests on TensorFlow's plain CPU kernels, the

@@ -138,6 +138,40 @@ def _load_calibration(path, key):
     return data[key]
 
 
+def _refinement_options(refine, calibration, labels_path, target_size, mean_bits, samples, evaluations):
+    """`convert`'s refinement keyword arguments from the CLI options; usage errors for bad ones."""
+    from keras_powerquant import refinement
+
+    steps = None
+    if refine is not None:
+        steps = True if refine == "recommended" else [name.strip() for name in refine.split(",") if name.strip()]
+    labels = _load_calibration(labels_path, "y") if labels_path else None
+    if target_size is not None:
+        try:
+            target_size = float(target_size) if any(c in target_size for c in ".eE") else int(target_size)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected a number of bytes or a fraction of the float size; got {target_size!r}.",
+                param_hint="--target-size",
+            ) from None
+    options = {
+        "refine": steps or False,
+        "calibration_labels": labels,
+        "target_size": target_size,
+        "mean_bits": mean_bits,
+        "refine_samples": samples,
+        "refine_evaluations": evaluations,
+    }
+    try:
+        refinement.check_refine_options(
+            options["refine"], calibration, labels, target_size, mean_bits, samples
+        )
+    except ValueError as exc:
+        message = str(exc).replace("`calibration_data`", "--calibration-data")
+        raise click.UsageError(message) from None
+    return options
+
+
 def _synthetic_data(num_samples, **options):
     try:
         return kpq.SyntheticData(num_samples=num_samples or DEFAULT_NUM_SAMPLES, **options)
@@ -205,6 +239,25 @@ def _format_bytes(count):
 @click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
               help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
               "inference), or fitted anywhere (two exp/log pairs per activation).")
+@click.option(
+    "--refine",
+    is_flag=False,
+    flag_value="recommended",
+    default=None,
+    metavar="[STEPS]",
+    help="Loss-aware refinement on the calibration data after the per-layer fit: alone, the recommended "
+    "steps (grid, granularity, lapq, rounding); or comma-separated step names.",
+)
+@click.option("--calibration-labels", type=click.Path(exists=True, dir_okay=False),
+              help="Integer labels of the calibration samples (.npy, or .npz array 'y'): refinement minimises "
+              "cross-entropy instead of the KL divergence to the float model.")
+@click.option("--target-size", metavar="SIZE", help="Mixed precision: weight bytes of the converted model (an integer), or a "
+              "fraction of the float model's (e.g. 0.15). Needs --calibration-data.")
+@click.option("--mean-bits", type=click.FloatRange(2, 8), help="Mixed precision: mean kernel bits per weight.")
+@click.option("--refine-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibration samples refinement evaluates the network on.")
+@click.option("--refine-evaluations", type=click.IntRange(min=0), default=400, show_default=True,
+              help="Network evaluations LAPQ's Powell search may spend.")
 @click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
               help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
@@ -219,8 +272,8 @@ def _format_bytes(count):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
-            scope, quantize_first_last, fast_activations, version, output_format, overwrite, decode_weights, warmup,
-            as_json):
+            scope, quantize_first_last, fast_activations, refine, calibration_labels, target_size, mean_bits,
+            refine_samples, refine_evaluations, version, output_format, overwrite, decode_weights, warmup, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -257,6 +310,9 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         raise click.UsageError("--synthetic-samples and --input-range need --calibration-data synthetic.")
     if calibration_data and not synthetic and not os.path.isfile(calibration_data):
         raise click.BadParameter(f"'{calibration_data}' is not a file.", param_hint="--calibration-data")
+    refinement_options = _refinement_options(
+        refine, calibration_data, calibration_labels, target_size, mean_bits, refine_samples, refine_evaluations
+    )
     progress.message(f"Loading {model}")
     original = kpq.load_model(model)
     check_exportable(original, output_format)
@@ -267,17 +323,23 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
         mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
-    quantized, report = kpq.convert(
-        original,
-        wbits,
-        abits,
-        method,
-        calibration_data=calibration,
-        scope=scope,
-        quantize_first_last=quantize_first_last,
-        fast_activations=fast_activations,
-        progress=progress,
-    )
+    try:
+        quantized, report = kpq.convert(
+            original,
+            wbits,
+            abits,
+            method,
+            calibration_data=calibration,
+            scope=scope,
+            quantize_first_last=quantize_first_last,
+            fast_activations=fast_activations,
+            progress=progress,
+            **refinement_options,
+        )
+    except ValueError as exc:
+        if isinstance(exc, PowerQuantError):
+            raise
+        raise click.UsageError(str(exc)) from None
     for warning in _float_parts(report):
         progress.message(f"Warning: {warning}")
     progress.message(f"Exporting version {version or 'next'} to {out}")

@@ -23,6 +23,10 @@ class LayerReport:
         input_quantizer: name of the quantizer of its input, if any.
         input_bits: bit width of its input, None if the input stays float.
         folded_batch_norm: name of the BatchNorm folded into it.
+        clip_fraction: the kernel scale as a fraction of `max |W|` (1: no
+            weight clipping).
+        per_channel: the scale granularity when refinement chose it; None
+            follows the `per_channel` option.
     """
 
     name: str
@@ -38,6 +42,8 @@ class LayerReport:
     input_quantizer: Optional[str] = None
     input_bits: Optional[int] = None
     folded_batch_norm: Optional[str] = None
+    clip_fraction: Optional[float] = None
+    per_channel: Optional[bool] = None
 
     @property
     def error_ratio(self):
@@ -96,6 +102,9 @@ class ConversionReport:
         unfolded_batch_norms: `{"batch_norm": name, "reason": why}` entries.
         notes: other remarks (legacy-file repairs, reused layers...).
         seconds: wall time per stage.
+        refinement: one record per refinement step (`StepReport` fields:
+            name, loss_before, loss_after, seconds, evaluations, decisions,
+            notes).
     """
 
     model_name: str
@@ -106,6 +115,7 @@ class ConversionReport:
     unfolded_batch_norms: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
     seconds: dict = dataclasses.field(default_factory=dict)
+    refinement: list = dataclasses.field(default_factory=list)
 
     def layer(self, name):
         """The `LayerReport` of layer `name`."""
@@ -179,6 +189,11 @@ class ConversionReport:
             lines.append(f"  BatchNorm '{entry['batch_norm']}' kept: {entry['reason']}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        for step in self.refinement:
+            lines.append(
+                f"  refinement '{step['name']}': loss {step['loss_before']:.4g} -> {step['loss_after']:.4g} "
+                f"({step['evaluations']} evaluations, {step['seconds']:.1f} s)"
+            )
         return "\n".join(lines)
 
     def __str__(self):

@@ -32,6 +32,7 @@ class _Names:
 
 def _quantized_layer(plan, name, activation, per_channel):
     layer = plan.layer
+    per_channel = per_channel if plan.per_channel is None else plan.per_channel
     cls = QUANTIZED_CLASSES[type(layer)]
     config = layer.get_config()
     arguments = {key: config[key] for key in _ARGUMENTS.get(cls, ("units",))}
@@ -126,7 +127,7 @@ class ModelBuilder:
             return self._call_folded_float(op, values)
         activation_quantizer = self._quantizer(op.output_key)
         if activation_quantizer is not None and activation_quantizer.kind == "activation":
-            new = _activation_layer(activation_quantizer, self.names(activation_quantizer.name))
+            new = self._new_activation_layer(activation_quantizer, self.names(activation_quantizer.name))
             return new(values[op.input_key])
         return self._call_float(op, values)
 
@@ -136,19 +137,25 @@ class ModelBuilder:
         input_quantizer = self._quantizer(plan.input_quantizer.key) if plan.input_quantizer else None
         if input_quantizer is not None and input_quantizer.kind == "input":
             if input_quantizer.key not in self.input_quantizers:
-                self.input_quantizers[input_quantizer.key] = _activation_layer(
+                self.input_quantizers[input_quantizer.key] = self._new_activation_layer(
                     input_quantizer, self.names(input_quantizer.name)
                 )
             inputs = self.input_quantizers[input_quantizer.key](inputs)
         output_quantizer = self._quantizer(op.output_key)
         split = output_quantizer is not None and output_quantizer.kind == "fused"
         activation = None if split else keras.activations.serialize(op.layer.activation)
-        new = _quantized_layer(plan, self.names(op.layer.name), activation, self.per_channel)
+        new = self._new_quantized_layer(plan, self.names(op.layer.name), activation)
         outputs = new(inputs)
-        new.set_float_weights(plan.kernel, plan.bias)
+        new.set_float_weights(plan.kernel, plan.bias, plan.clip_fraction, plan.rounding_up)
         if split:
-            outputs = _activation_layer(output_quantizer, self.names(output_quantizer.name))(outputs)
+            outputs = self._new_activation_layer(output_quantizer, self.names(output_quantizer.name))(outputs)
         return outputs
+
+    def _new_quantized_layer(self, plan, name, activation):
+        return _quantized_layer(plan, name, activation, self.per_channel)
+
+    def _new_activation_layer(self, quantizer, name):
+        return _activation_layer(quantizer, name)
 
     def _call_folded_float(self, op, values):
         layer = op.layer

@@ -26,6 +26,7 @@ from keras_powerquant.quantization.search import minimize_exponent
 from keras_powerquant.quantization.search import ExponentFit
 from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.validation import check_bits
+from keras_powerquant import refinement
 from keras_powerquant.report import ActivationReport
 from keras_powerquant.report import ConversionReport
 from keras_powerquant.report import LayerReport
@@ -170,6 +171,13 @@ def convert(
     fast_activations=True,
     calibration_batch_size=DEFAULT_BATCH_SIZE,
     calibration_steps=None,
+    refine=False,
+    calibration_labels=None,
+    target_size=None,
+    mean_bits=None,
+    refine_samples=refinement.DEFAULT_REFINE_SAMPLES,
+    refine_evaluations=refinement.DEFAULT_MAX_EVALUATIONS,
+    rounding_iterations=refinement.ROUNDING_ITERATIONS,
     progress=None,
 ):
     """Converts a trained Keras model to PowerQuant.
@@ -223,6 +231,31 @@ def convert(
             (an integer >= 1).
         calibration_steps: use at most this many calibration batches (an
             integer >= 1, or None for all).
+        refine: loss-aware refinement after the per-layer fit (needs
+            `calibration_data`): True runs the recommended steps
+            ("grid", "granularity", "lapq", "rounding"), a list runs the
+            steps named. "grid" picks `a*` or `a = 1` per layer and
+            activation by the network loss (never worse than uniform on
+            it), "granularity" per-tensor scales where they cost nothing,
+            "lapq" LAPQ's joint Powell search over clips and exponents,
+            "rounding" learned rounding (AdaRound). See
+            `keras_powerquant.refinement` and docs/method.md §7.
+        calibration_labels: integer class labels of the calibration
+            samples, in their order: refinement then minimises the
+            cross-entropy instead of the KL divergence to the float model.
+        target_size: mixed precision: weight bits per layer (2..8) chosen
+            by loss sensitivity per byte so that the converted model's
+            weights take at most this many bytes (an int) or this fraction
+            of the float model's (a float in (0, 1]). Needs
+            `calibration_data`; overrides `wbits` and `first_last_bits`
+            for the layers' kernels.
+        mean_bits: mixed precision with a budget of this many kernel bits
+            per weight on average instead.
+        refine_samples: calibration samples refinement evaluates on (a
+            uniform random subsample, seed 0).
+        refine_evaluations: evaluation budget of LAPQ's Powell search.
+        rounding_iterations: gradient steps per layer of the "rounding"
+            step (learned rounding, AdaRound-style).
         progress: optional callback `progress(stage, done, total)`.
 
     Returns:
@@ -245,6 +278,10 @@ def convert(
         if calibration_data != "synthetic":
             raise ValueError(f'`calibration_data` as a string must be "synthetic"; got {calibration_data!r}.')
         calibration_data = SyntheticData()
+    steps = refinement.check_refine_options(
+        refine, calibration_data, calibration_labels, target_size, mean_bits, refine_samples
+    )
+    refining = bool(steps) or target_size is not None or mean_bits is not None
     seconds = {}
     started = time.perf_counter()
 
@@ -256,6 +293,9 @@ def convert(
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
     plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
+    if refining:
+        budget = refinement.size_budget(plan, refinement.weight_bytes(model), target_size, mean_bits, per_channel)
+        reservoir = refinement.InputReservoir(refine_samples)
     seconds["analysis"] = time.perf_counter() - started
 
     synthetic = calibration_data if isinstance(calibration_data, SyntheticData) else None
@@ -273,6 +313,8 @@ def convert(
         batches = calibration_batches(
             calibration_data, graph.input_tensors, calibration_batch_size, calibration_steps
         )
+        if refining:
+            batches = reservoir.watch(batches)
         calibrate = report_progress("calibration")
         samples = record_samples(
             graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, calibration_steps)
@@ -288,6 +330,18 @@ def convert(
         plan, samples, rules, method, scope, p, exponent_bounds, fast_activations, report_progress("activations")
     )
     seconds["activations"] = time.perf_counter() - mark
+
+    refinement_reports = []
+    if refining:
+        mark = time.perf_counter()
+        labels = None if calibration_labels is None else refinement.subsample_labels(calibration_labels, reservoir)
+        plan, refinement_reports = refinement.refine_plan(
+            graph, folds, plan, steps=steps, inputs=reservoir.inputs, labels=labels, samples=samples,
+            method=method, per_channel=per_channel, exponent_bounds=exponent_bounds,
+            fast_activations=fast_activations, budget=budget, max_evaluations=refine_evaluations,
+            rounding_iterations=rounding_iterations, progress=progress,
+        )
+        seconds["refinement"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     builder = ModelBuilder(graph, folds, plan, per_channel)
@@ -308,11 +362,16 @@ def convert(
         "fast_activations": fast_activations,
         "calibrated": calibration_data is not None,
     }
+    if refining:
+        options.update(refine=list(steps), target_size=target_size, mean_bits=mean_bits,
+                       refine_samples=refine_samples, labelled=calibration_labels is not None)
     if synthetic is not None:
         options["synthetic"] = dataclasses.asdict(synthetic)
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
     report = _report(graph, plan, folds, unfolded, options, notes, seconds)
+    report.refinement = [dataclasses.asdict(step) for step in refinement_reports]
     return quantized_model, report
+
 
 
 def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last_bits=8):
@@ -393,6 +452,8 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds):
                     input_quantizer=quantizer.name if input_quantized else None,
                     input_bits=quantizer.bits if input_quantized else None,
                     folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
+                    clip_fraction=layer_plan.clip_fraction,
+                    per_channel=layer_plan.per_channel,
                 )
             )
         elif id(layer) in float_reasons:

@@ -76,6 +76,12 @@ class LayerPlan:
         kernel, bias: float32 weights with any BatchNorm folded in.
         fold: the folded BatchNorm's `Fold`, or None.
         input_quantizer: the `QuantizerPlan` that quantizes its input.
+        fit: the fitted kernel exponent.
+        clip_fraction: the kernel scale as a fraction of `max |W|`.
+        per_channel: per-channel (True) or per-tensor (False) scales; None
+            follows `convert`'s `per_channel`.
+        rounding_up: learned rounding (boolean, kernel shape: round up from
+            the floor), or None to round to nearest.
     """
 
     op: object
@@ -87,6 +93,9 @@ class LayerPlan:
     fold: object = None
     input_quantizer: Optional[QuantizerPlan] = None
     fit: Optional[ExponentFit] = None
+    clip_fraction: float = 1.0
+    per_channel: Optional[bool] = None
+    rounding_up: object = None
 
     @property
     def layer(self):

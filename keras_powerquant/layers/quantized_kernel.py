@@ -98,13 +98,16 @@ class QuantizedKernelLayer(keras.layers.Layer):
         table = self.quantizer.decode_table()
         self._decode_table = nibble_pair_table(table) if self.packed else table
 
-    def set_float_weights(self, kernel, bias=None):
+    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None):
         """Quantizes a float kernel into this (built) layer and sets the bias.
 
         Args:
             kernel: float array of the layer's kernel shape (the shape the
                 equivalent Keras layer's kernel has).
             bias: float array `(channels,)`; required iff `use_bias`.
+            clip_fraction: the scale as a fraction of `max |W|` (weight
+                clipping), in (0, 1].
+            rounding_up: optional learned rounding, see `WeightQuantizer.encode`.
         """
         kernel = np.asarray(kernel, dtype=np.float32)
         if kernel.shape != self._kernel_shape:
@@ -113,7 +116,7 @@ class QuantizedKernelLayer(keras.layers.Layer):
                 f"got {kernel.shape}."
             )
         channel_ndim = self.channel_ndim if self.quantizer.per_channel else 0
-        codes, scales = self.quantizer.encode(kernel, channel_ndim)
+        codes, scales = self.quantizer.encode(kernel, channel_ndim, clip_fraction, rounding_up)
         self.kernel_codes.assign(pack_nibbles(codes) if self.packed else codes)
         self.kernel_scale.assign(scales)
         if self.use_bias:

@@ -77,16 +77,24 @@ class WeightQuantizer:
         levels = self.magnitude_levels()
         return np.concatenate([-levels[:0:-1], levels]).astype(np.float32)
 
-    def scales(self, weights, channel_ndim=1):
-        """Per-channel (or per-tensor) maxima `s = max |W|`; see `channel_scales`."""
-        return channel_scales(weights, channel_ndim if self.per_channel else 0)
+    def scales(self, weights, channel_ndim=1, clip_fraction=1.0):
+        """Per-channel (or per-tensor) scales `s = clip_fraction * max |W|`; see `channel_scales`."""
+        scales = channel_scales(weights, channel_ndim if self.per_channel else 0)
+        return scales if clip_fraction == 1.0 else (scales * np.float32(clip_fraction)).astype(np.float32)
 
-    def encode(self, weights, channel_ndim=1):
+    def encode(self, weights, channel_ndim=1, clip_fraction=1.0, rounding_up=None):
         """Quantizes `weights` to integer codes.
 
         Args:
             weights: float array; see `scales` for `channel_ndim`.
             channel_ndim: number of trailing output-channel axes.
+            clip_fraction: weight clipping (docs/method.md §7): the scale is this
+                fraction of `max |W|`, in (0, 1]; larger magnitudes take the
+                largest code.
+            rounding_up: learned rounding (AdaRound): a boolean array of the
+                shape of `weights`; each code magnitude is then
+                `floor(m (|W| / s)^a)`, plus 1 where True (at most `m`),
+                instead of the nearest.
 
         Returns:
             `(codes, scales)`: int8 codes of the shape of `weights`, in
@@ -95,11 +103,17 @@ class WeightQuantizer:
         weights = np.asarray(weights, dtype=np.float32)
         if not np.all(np.isfinite(weights)):
             raise ValueError("Cannot quantize weights that contain NaN or Inf.")
-        scales = self.scales(weights, channel_ndim)
+        if not 0.0 < clip_fraction <= 1.0:
+            raise ValueError(f"`clip_fraction` must be in (0, 1]; got {clip_fraction}.")
+        scales = self.scales(weights, channel_ndim, clip_fraction)
         # All-zero channels keep a zero scale; dividing by 1 gives code 0.
         safe = np.where(scales > 0, scales, np.float32(1.0))
         normalized = np.abs(weights) / safe
-        magnitudes = np.searchsorted(self.magnitude_thresholds(), normalized, side="right")
+        if rounding_up is None:
+            magnitudes = np.searchsorted(self.magnitude_thresholds(), normalized, side="right")
+        else:
+            powered = self.max_code * np.minimum(normalized, np.float32(1.0)) ** np.float32(self.exponent)
+            magnitudes = np.minimum(np.floor(powered) + np.asarray(rounding_up, dtype=bool), self.max_code)
         codes = np.where(weights < 0, -magnitudes, magnitudes)
         return codes.astype(np.int8), scales
 

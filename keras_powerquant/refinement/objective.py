@@ -1,0 +1,158 @@
+"""The network loss that refinement minimises, evaluated on a calibration subsample.
+
+With labels: the mean cross-entropy of the quantized model's predictions.
+Without: the mean KL divergence `KL(float || quantized)` between the float
+and the quantized model's class distributions. Outputs that are not class
+scores (rank other than 2, or one column) contribute their mean squared
+error relative to the float output's mean square. Class scores are read as
+probabilities when the float model's rows are non-negative and sum to 1,
+as logits otherwise.
+"""
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from keras_powerquant.refinement.tunable import FLOAT
+from keras_powerquant.refinement.tunable import HARD
+from keras_powerquant.refinement.tunable import NEAREST
+from keras_powerquant.refinement.tunable import TunableBuilder
+
+_EPSILON = 1e-7
+
+
+def _is_probabilities(values):
+    return bool(np.all(values >= 0) and np.allclose(values.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def _log_probabilities(values, probabilities):
+    if probabilities:
+        return tf.math.log(tf.clip_by_value(values, _EPSILON, 1.0))
+    return tf.nn.log_softmax(values, axis=-1)
+
+
+class NetworkObjective:
+    """Loss of the quantized network for given `Settings`, on fixed calibration inputs.
+
+    Builds the `TunableBuilder` model once; each call assigns the settings'
+    values to its variables and runs it on the held inputs in batches.
+
+    Args:
+        graph, folds, plan, per_channel: as for `ModelBuilder` (the plan's
+            fits filled in).
+        inputs: flat list of arrays in model input order, `(N, ...)` each.
+        labels: optional integer class labels `(N,)` (single-output
+            classifiers): the loss is then the cross-entropy.
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(self, graph, folds, plan, per_channel, inputs, labels=None, batch_size=64):
+        builder = TunableBuilder(graph, folds, plan, per_channel)
+        self.model = builder.build()
+        self.kernel_layers = builder.kernel_layers
+        self.activation_layers = builder.activation_layers
+        self.batches = [
+            [tf.constant(a[start : start + batch_size]) for a in inputs]
+            for start in range(0, inputs[0].shape[0], batch_size)
+        ]
+        self.size = int(inputs[0].shape[0])
+        references = [
+            [np.asarray(o) for o in _flat(graph.model(_model_inputs(xs), training=False))] for xs in self.batches
+        ]
+        self.kinds = [self._output_kind(np.concatenate([r[i] for r in references])) for i in range(len(references[0]))]
+        self.references = [[tf.constant(o) for o in batch] for batch in references]
+        self.labels = None
+        if labels is not None:
+            self.labels = [
+                tf.constant(np.asarray(labels[start : start + batch_size], dtype=np.int32))
+                for start in range(0, self.size, batch_size)
+            ]
+        self._batch_loss = tf.function(self._batch_loss_eager)
+        self.evaluations = 0
+        self.seconds = 0.0
+        self._assigned = {}
+
+    @staticmethod
+    def _output_kind(values):
+        if values.ndim == 2 and values.shape[1] > 1:
+            return "probabilities" if _is_probabilities(values) else "logits"
+        return "regression"
+
+    @property
+    def criterion(self):
+        if self.labels is not None:
+            return "cross-entropy"
+        return "KL(float || quantized)" if "regression" not in self.kinds else "KL / relative MSE"
+
+    def _assign(self, variable, value):
+        # Skipping unchanged variables keeps an evaluation that moves one
+        # coordinate (Powell's line searches) from assigning all of them.
+        if self._assigned.get(id(variable)) != value:
+            variable.assign(value)
+            self._assigned[id(variable)] = value
+
+    def assign(self, settings, quantized=True):
+        """Sets the model's variables to `settings`; `quantized=False` makes it the float model."""
+        for name, setting in settings.kernels.items():
+            layer = self.kernel_layers[name]
+            self._assign(layer.exponent, float(setting.exponent))
+            self._assign(layer.clip_fraction, float(setting.clip_fraction))
+            self._assign(layer.max_code, float(2 ** (setting.bits - 1) - 1))
+            self._assign(layer.per_channel_flag, 1.0 if setting.per_channel else 0.0)
+            rounding_up = settings.rounding.get(name)
+            if rounding_up is not None:
+                # The array changes with the settings that hold it: compare by identity.
+                if self._assigned.get(id(layer.rounding)) is not rounding_up:
+                    layer.rounding.assign(np.where(rounding_up, 1.0, -1.0).astype(np.float32))
+                    self._assigned[id(layer.rounding)] = rounding_up
+            mode = FLOAT if not quantized else (HARD if rounding_up is not None else NEAREST)
+            self._assign(layer.rounding_mode, mode)
+        for key, setting in settings.activations.items():
+            layer = self.activation_layers[key]
+            self._assign(layer.clip, float(setting.clip))
+            self._assign(layer.exponent, float(setting.exponent))
+            self._assign(layer.enabled, 1.0 if quantized else 0.0)
+
+    def forget(self, variable):
+        """Marks a variable as changed outside `assign` (by an optimizer)."""
+        self._assigned.pop(id(variable), None)
+
+    def __call__(self, settings):
+        """The mean loss over the held inputs with `settings` applied."""
+        started = time.perf_counter()
+        self.assign(settings)
+        total = 0.0
+        for i, xs in enumerate(self.batches):
+            labels = self.labels[i] if self.labels is not None else None
+            total += float(self._batch_loss(xs, self.references[i], labels))
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - started
+        return total / self.size
+
+    def _batch_loss_eager(self, xs, references, labels):
+        """Summed loss of one batch (traced once by `tf.function`)."""
+        outputs = _flat(self.model(_model_inputs(xs), training=False))
+        loss = tf.constant(0.0)
+        for output, reference, kind in zip(outputs, references, self.kinds):
+            if kind == "regression":
+                scale = tf.maximum(tf.reduce_mean(tf.square(reference)), _EPSILON)
+                squared = tf.reshape(tf.square(output - reference), [tf.shape(output)[0], -1])
+                loss += tf.reduce_sum(tf.reduce_mean(squared, axis=1)) / scale
+                continue
+            probabilities = kind == "probabilities"
+            log_q = _log_probabilities(output, probabilities)
+            if labels is not None:
+                loss += -tf.reduce_sum(tf.gather(log_q, labels, axis=1, batch_dims=1))
+            else:
+                log_p = _log_probabilities(reference, probabilities)
+                loss += tf.reduce_sum(tf.exp(log_p) * (log_p - log_q))
+        return loss
+
+
+def _model_inputs(xs):
+    return xs if len(xs) > 1 else xs[0]
+
+
+def _flat(outputs):
+    return tf.nest.flatten(outputs)

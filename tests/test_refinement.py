@@ -1,0 +1,218 @@
+"""Loss-aware refinement: each step lowers its own objective, refined models export like any other."""
+
+import numpy as np
+import pytest
+
+import keras_powerquant as kpq
+from tests import models
+from tests.cli_helpers import assert_one_line_error
+from tests.cli_helpers import invoke
+from tests.cli_helpers import random_images
+from tests.cli_helpers import save_small_model
+from tests.test_export import _serve_in_fresh_process
+
+# Small budgets keep each conversion to a few seconds.
+FAST = {"refine_evaluations": 30, "refine_samples": 48, "rounding_iterations": 20}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = models.build("resnet", seed=0)
+    x = models.reference_inputs(model, n=48, seed=7)
+    labels = np.argmax(_predict(model, x), axis=-1).astype("int64")
+    return model, x, labels
+
+
+def _predict(model, x):
+    return models.predict(model, x)[0]
+
+
+def _kl(float_model, quantized, x):
+    p = np.clip(_predict(float_model, x), 1e-7, 1.0)
+    q = np.clip(_predict(quantized, x), 1e-7, 1.0)
+    return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
+
+
+def _weights(model):
+    return [np.asarray(w) for w in model.weights]
+
+
+@pytest.mark.parametrize("method", ["powerquant", "uniform"])
+def test_each_step_does_not_increase_its_objective(resnet, method):
+    model, x, labels = resnet
+    steps = ["grid", "granularity", "lapq", "rounding"]
+    quantized, report = kpq.convert(model, 4, 4, method, calibration_data=x, refine=steps, **FAST)
+    assert [step["name"] for step in report.refinement] == steps
+    for step in report.refinement:
+        assert step["loss_after"] <= step["loss_before"], step
+        assert step["seconds"] > 0 and step["evaluations"] >= 1
+    # All 48 samples are held, so the last loss is the built model's KL to float.
+    assert _kl(model, quantized, x) == pytest.approx(report.refinement[-1]["loss_after"], rel=0.05, abs=1e-4)
+    assert report.refinement[-1]["loss_after"] < report.refinement[0]["loss_before"]
+
+
+def test_grid_step_is_never_worse_than_uniform(resnet):
+    model, x, _ = resnet
+    uniform, _ = kpq.convert(model, 4, 4, "uniform", calibration_data=x)
+    chosen, report = kpq.convert(model, 4, 4, calibration_data=x, refine=["grid"], **FAST)
+    decisions = report.refinement[0]["decisions"]
+    assert decisions and {d["chosen"] for d in decisions} <= {"power", "uniform"}
+    assert _kl(model, chosen, x) <= _kl(model, uniform, x) + 1e-6
+
+
+def test_cross_entropy_with_labels(resnet):
+    model, x, labels = resnet
+    _, report = kpq.convert(model, 4, 4, calibration_data=x, calibration_labels=labels, refine=["grid"], **FAST)
+    assert report.options["labelled"] is True
+    quantized_loss = report.refinement[0]["loss_after"]
+    # Cross-entropy of the model's own predicted labels: at least the float model's, which is > 0.
+    p = _predict(model, x)
+    float_loss = float(np.mean(-np.log(p[np.arange(len(labels)), labels])))
+    assert quantized_loss >= float_loss * 0.5 and quantized_loss > 0
+
+
+def test_refine_false_and_no_op_refinement_keep_todays_model(resnet):
+    model, x, _ = resnet
+    today, today_report = kpq.convert(model, 4, 4, "uniform", calibration_data=x)
+    plain, _ = kpq.convert(model, 4, 4, "uniform", calibration_data=x, refine=False)
+    # The grid step keeps a = 1 for the uniform method: same model through the refinement path.
+    through, report = kpq.convert(model, 4, 4, "uniform", calibration_data=x, refine=["grid"])
+    assert today_report.refinement == [] and "refine" not in today_report.options
+    for other in (plain, through):
+        for a, b in zip(_weights(today), _weights(other)):
+            np.testing.assert_array_equal(a, b)
+    assert [layer.get_config() for layer in through.layers] == [layer.get_config() for layer in today.layers]
+
+
+def test_refinement_is_deterministic_and_the_result_serves_in_a_fresh_process(resnet, tmp_path):
+    model, x, _ = resnet
+    tiny = {"refine_evaluations": 10, "refine_samples": 24, "rounding_iterations": 5}
+    runs = [kpq.convert(model, 4, 4, calibration_data=x, refine=True, **tiny) for _ in range(2)]
+    for a, b in zip(_weights(runs[0][0]), _weights(runs[1][0])):
+        np.testing.assert_array_equal(a, b)
+    quantized, report = runs[0]
+    assert [step["name"] for step in report.refinement] == ["grid", "granularity", "lapq", "rounding"]
+    result = kpq.export_model(quantized, tmp_path / "export", report=report, float_model=model)
+    outputs = _serve_in_fresh_process(result.saved_model_dir, {"image": x[:8]}, tmp_path)
+    np.testing.assert_allclose(next(iter(outputs.values())), _predict(quantized, x[:8]), atol=1e-5)
+
+
+def test_mixed_precision_meets_the_size_budget(resnet):
+    model, x, _ = resnet
+    uniform_w4, _ = kpq.convert(model, 4, 4, "uniform", calibration_data=x)
+    size = int(sum(np.asarray(w).nbytes for w in uniform_w4.weights))
+    mixed, report = kpq.convert(model, 4, 4, calibration_data=x, target_size=size, **FAST)
+    assert int(sum(np.asarray(w).nbytes for w in mixed.weights)) <= size
+    step = report.refinement[0]
+    assert step["name"] == "bits"
+    bits = {d["name"]: d["bits"] for d in step["decisions"]}
+    assert set(bits) == {layer.name for layer in report.quantized_layers}
+    assert {layer.name: layer.weight_bits for layer in report.quantized_layers} == bits
+    assert all(len(d["sensitivity"]) == 7 for d in step["decisions"])
+
+
+def test_mean_bits_budget(resnet):
+    model, x, _ = resnet
+    _, report = kpq.convert(model, 4, 4, calibration_data=x, mean_bits=3.0, **FAST)
+    layers = report.quantized_layers
+    mean = sum(layer.weight_bits * layer.params for layer in layers) / sum(layer.params for layer in layers)
+    assert mean <= 3.0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"refine": True}, "calibration_data"),
+        ({"target_size": 0.5}, "calibration_data"),
+        ({"refine": ["lapq", "sharpen"], "calibration_data": "x"}, "Unknown refinement step(s) ['sharpen']"),
+        ({"refine": True, "calibration_data": "x", "calibration_labels": np.zeros(5, "int64")}, "5 labels for 48"),
+        ({"refine": True, "calibration_data": "x", "calibration_labels": np.zeros(48, "float32")}, "integer class"),
+        ({"calibration_data": "x", "target_size": 100}, "below the smallest size 2-bit weights reach"),
+        ({"calibration_data": "x", "target_size": 0.5, "mean_bits": 4}, "not both"),
+    ],
+)
+def test_bad_refinement_options_are_clear_errors(resnet, options, message):
+    model, x, _ = resnet
+    options = {k: (x if isinstance(v, str) and v == "x" else v) for k, v in options.items()}
+    with pytest.raises(ValueError) as info:
+        kpq.convert(model, 4, 4, **options)
+    assert message in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refine_cli")
+    model, paths = save_small_model(folder)
+    np.save(folder / "calib.npy", random_images(24))
+    np.save(folder / "labels.npy", np.arange(24) % 10)
+    np.save(folder / "short_labels.npy", np.arange(5))
+    return folder, paths
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--refine"], "--calibration-data"),
+        (["--refine", "lapq,sharpen", "--calibration-data", "calib.npy"], "Unknown refinement step(s) ['sharpen']"),
+        (["--refine", "--calibration-data", "calib.npy", "--calibration-labels", "short_labels.npy"], "5 labels for 24"),
+        (["--calibration-data", "calib.npy", "--target-size", "10"], "below the smallest size"),
+        (["--calibration-data", "calib.npy", "--target-size", "small"], "--target-size"),
+    ],
+)
+def test_cli_refinement_usage_errors_exit_2(small_files, monkeypatch, args, message):
+    folder, paths = small_files
+    monkeypatch.chdir(folder)
+    result = invoke("convert", paths["keras"], "-o", "out", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (folder / "out").exists()
+
+
+def test_cli_refine_writes_the_steps_into_the_report(small_files, monkeypatch):
+    folder, paths = small_files
+    monkeypatch.chdir(folder)
+    result = invoke(
+        "convert", paths["keras"], "-o", "out", "--calibration-data", "calib.npy", "--calibration-labels",
+        "labels.npy", "--refine", "grid,lapq", "--refine-evaluations", "10", "--json",
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads(result.stdout)
+    assert [step["name"] for step in report["report"]["refinement"]] == ["grid", "lapq"]
+    assert report["report"]["options"]["labelled"] is True
+
+
+def test_cli_error_format_for_bad_labels_file(small_files, monkeypatch):
+    folder, paths = small_files
+    monkeypatch.chdir(folder)
+    (folder / "bad.npy").write_text("not numpy")
+    result = invoke("convert", paths["keras"], "-o", "out_bad", "--refine", "--calibration-data", "calib.npy",
+                    "--calibration-labels", "bad.npy")
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "bad.npy")
+    assert not (folder / "out_bad").exists()
+
+
+def test_weight_clip_fraction_scales_and_saturates_the_codes():
+    from keras_powerquant.quantization.weights import WeightQuantizer
+
+    weights = np.array([[0.1, -0.5], [1.0, 0.25], [-0.8, 2.0]], dtype=np.float32)
+    quantizer = WeightQuantizer(4, exponent=0.5)
+    codes, scales = quantizer.encode(weights, clip_fraction=0.5)
+    np.testing.assert_allclose(scales, [0.5, 1.0])
+    # |W| at or above the clip takes the largest code; the rest round on the clipped grid.
+    assert codes[2, 0] == -7 and codes[1, 0] == 7 and codes[2, 1] == 7
+    full_codes, _ = quantizer.encode(weights)
+    assert abs(int(codes[0, 0])) > abs(int(full_codes[0, 0]))
+    with pytest.raises(ValueError, match="clip_fraction"):
+        quantizer.encode(weights, clip_fraction=1.5)
+
+
+def test_refinement_accepts_synthetic_calibration_data(resnet):
+    model, x, _ = resnet
+    synthetic = kpq.SyntheticData(num_samples=16, steps=3, input_range=(0.0, 1.0))
+    _, report = kpq.convert(model, 4, 4, calibration_data=synthetic, refine=["grid", "lapq"], **FAST)
+    assert report.options["synthetic"]["num_samples"] == 16
+    assert [step["name"] for step in report.refinement] == ["grid", "lapq"]
+    assert report.refinement[-1]["loss_after"] <= report.refinement[0]["loss_before"]
