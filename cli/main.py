@@ -3,6 +3,10 @@
 Exit status: 0 on success, 2 on usage errors, 1 on any other error, which
 is reported in one line on stderr (`kpq --debug ...` shows the traceback).
 Progress goes to stderr; results (tables, `--json`) go to stdout.
+
+Only click and the package's plain-Python modules are imported here, so
+`kpq --help` answers at once; TensorFlow is imported when a command runs,
+without its start-up log lines unless `--verbose` or `--debug` is given.
 """
 
 import functools
@@ -14,22 +18,18 @@ import time
 import click
 
 import keras_powerquant as kpq
+from keras_powerquant.cli.startup import import_tensorflow
 from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import EvaluationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
-from keras_powerquant.export import DECODE_WEIGHTS
-from keras_powerquant.export import check_export_dir
-from keras_powerquant.export import check_exportable
-from keras_powerquant.export import check_version
-from keras_powerquant.export import existing_versions
-from keras_powerquant.export import export_model
-from keras_powerquant.export import REPORT_FILE
-from keras_powerquant.quantization.validation import MAX_BITS
-from keras_powerquant.quantization.validation import MIN_BITS
-from keras_powerquant.synthesis import DEFAULT_NUM_SAMPLES
-from keras_powerquant.synthesis import DEFAULT_STEPS
+from keras_powerquant.limits import DECODE_WEIGHTS
+from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
+from keras_powerquant.limits import DEFAULT_STEPS
+from keras_powerquant.limits import MAX_BITS
+from keras_powerquant.limits import MAX_WARMUP_REQUESTS
+from keras_powerquant.limits import MIN_BITS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 
@@ -49,17 +49,18 @@ ACTIVATION_BITS = _ActivationBits()
 
 
 def _handle_errors(command):
-    """Turns library errors into one-line messages and exit status 1."""
+    """Imports TensorFlow, then runs the command; library errors become one-line messages, exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        context = click.get_current_context()
+        options = click.get_current_context().obj or {}
         try:
+            import_tensorflow(show_logs=options.get("verbose") or options.get("debug"))
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-            if context.obj and context.obj.get("debug"):
+            if options.get("debug"):
                 raise
             # One line: the first of the message (`kpq --debug` shows it all).
             text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -101,9 +102,10 @@ class _Progress:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(kpq.__version__, prog_name="kpq")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors (and TensorFlow's log lines).")
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up log lines (hidden by default).")
 @click.pass_context
-def main(context, debug):
+def main(context, debug, verbose):
     """Post-training PowerQuant quantization for Keras models.
 
     \b
@@ -112,7 +114,7 @@ def main(context, debug):
       kpq convert model.h5 -o export/ --wbits 4 --abits 4
       kpq evaluate model.h5 export/ --data test.npz
     """
-    context.ensure_object(dict)["debug"] = debug
+    context.ensure_object(dict).update(debug=debug, verbose=verbose)
 
 
 def _load_calibration(path, key):
@@ -178,7 +180,7 @@ def _synthetic_data(num_samples, **options):
 
 
 class _VersionType(click.ParamType):
-    """A version number (1 to TF Serving's int64 maximum), or "next"."""
+    """A version number, or "next"; its range is checked by the command, which imports the exporter."""
 
     name = "N|next"
 
@@ -186,10 +188,18 @@ class _VersionType(click.ParamType):
         if isinstance(value, int) or value == "next":
             return value
         try:
-            return check_version(int(value))
-        except (ValueError, ExportError) as exc:
-            detail = str(exc) if isinstance(exc, ExportError) else f"{value!r} is not an integer or 'next'."
-            self.fail(detail, param, context)
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or 'next'.", param, context)
+
+
+def _float_parts(report):
+    """One line per layer or activation the conversion left in float, with the reason."""
+    for layer in report.float_layers:
+        yield f"layer '{layer.name}' ({layer.class_name}) kept float: {layer.reason}"
+    for activation in report.activations:
+        if activation.status != "quantized":
+            yield f"activation '{activation.name}' kept float: {activation.reason}"
 
 
 def _format_bytes(count):
@@ -262,12 +272,15 @@ def _format_bytes(count):
 @click.option("--decode-weights", type=click.Choice(DECODE_WEIGHTS), default="load", show_default=True,
               help="When the SavedModel decodes its weight codes: once at load (float kernels in serving "
               "memory, float speed) or on every call (codes only in memory). The files hold codes either way.")
+@click.option("--warmup", type=click.IntRange(0, MAX_WARMUP_REQUESTS), default=0, metavar="N",
+              help="Write N TF Serving warm-up requests into the version (assets.extra/), one example each, "
+              "from --calibration-data (a file) or zeros.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
             scope, quantize_first_last, fast_activations, weight_clipping, bias_correction, refine, calibration_labels,
             target_size, mean_bits, refine_samples, refine_evaluations, version, output_format, overwrite,
-            decode_weights, as_json):
+            decode_weights, warmup, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -276,6 +289,10 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     run fails or is killed; an existing version is kept unless --overwrite
     is given, and replaced as a whole if it is.
     """
+    from keras_powerquant.export import check_export_dir
+    from keras_powerquant.export import check_exportable
+    from keras_powerquant.export import check_version
+
     started = time.perf_counter()
     progress = _Progress()
     if bias_correction == "empirical" and not calibration_data:
@@ -284,7 +301,13 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         raise click.BadParameter("must not be empty.", param_hint="'-o' / '--output'")
     if version == "next" and overwrite:
         raise click.BadParameter("--overwrite needs the version to replace, not 'next'.", param_hint="'--version'")
-    version = None if version == "next" else version
+    if warmup and output_format == "keras":
+        raise click.BadParameter("warm-up requests go into the SavedModel, which --format keras does not write.",
+                                 param_hint="--warmup")
+    try:
+        version = None if version == "next" else check_version(version)
+    except ExportError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--version'") from None
     check_export_dir(out)
     if version is not None and os.path.lexists(os.path.join(out, str(version))) and not overwrite:
         raise ExportError(
@@ -329,8 +352,10 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         if isinstance(exc, PowerQuantError):
             raise
         raise click.UsageError(str(exc)) from None
+    for warning in _float_parts(report):
+        progress.message(f"Warning: {warning}")
     progress.message(f"Exporting version {version or 'next'} to {out}")
-    result = export_model(
+    result = kpq.export_model(
         quantized,
         out,
         version,
@@ -339,6 +364,8 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         float_model=original,
         overwrite=overwrite,
         decode_weights=decode_weights,
+        warmup=warmup,
+        warmup_data=None if synthetic else calibration,
     )
     with open(result.report_path, encoding="utf-8") as file:
         metadata = json.load(file)
@@ -364,6 +391,10 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
             click.echo(f"{label}: {path}")
     if result.saved_model_dir:
         click.echo(f"Serving: {_DECODING[decode_weights]}")
+    if warmup:
+        from keras_powerquant.warmup import WARMUP_FILE
+
+        click.echo(f"Warm-up requests: {warmup} in {os.path.join(result.saved_model_dir, WARMUP_FILE)}")
     click.echo(f"Done in {elapsed:.1f} s.")
 
 
@@ -425,6 +456,9 @@ def inspect(model, wbits, abits, quantize_first_last, as_json):
 
 
 def _inspect_export(folder, as_json):
+    from keras_powerquant.export import existing_versions
+    from keras_powerquant.export import REPORT_FILE
+
     versions = existing_versions(folder)
     if versions:
         version_dir, version = os.path.join(folder, str(versions[-1])), versions[-1]

@@ -5,31 +5,51 @@ Converts a trained Keras model (Functional or Sequential, from memory or a
 are integer codes, fitted per layer with power exponents (Yvinec et al.,
 "PowerQuant: Automorphism Search for Non-Uniform Quantization", ICLR 2023).
 
-Importing the package registers its layers with Keras, so converted
-`.keras` files load with `keras.saving.load_model`.
+`import keras_powerquant` does not import Keras or TensorFlow: the `kpq`
+command answers `--help` without them. The first use of a name that needs
+Keras (`kpq.convert`, `kpq.load_model`, the layers...) imports Keras, checks
+that it uses the TensorFlow backend and registers the `PowerQuant*` layers,
+so converted `.keras` files then load with `keras.saving.load_model`
+(`import keras_powerquant.layers` registers them explicitly).
 """
 
-import keras as _keras
+import importlib
 
-if _keras.backend.backend() != "tensorflow":
-    raise ImportError(
-        "keras-powerquant needs Keras' TensorFlow backend; this process uses "
-        f"'{_keras.backend.backend()}'. Set KERAS_BACKEND=tensorflow before importing Keras."
-    )
-
-from keras_powerquant.callbacks import PowerQuantExport  # noqa: E402
-from keras_powerquant.converter import convert  # noqa: E402
-from keras_powerquant.converter import fold_batch_norms  # noqa: E402
-from keras_powerquant.converter import inspect_model  # noqa: E402
-from keras_powerquant.errors import *  # noqa: E402,F401,F403
-from keras_powerquant.export import export_model  # noqa: E402
-from keras_powerquant.layers import PowerQuantActivation  # noqa: E402
-from keras_powerquant.layers import PowerQuantConv2D  # noqa: E402
-from keras_powerquant.layers import PowerQuantDense  # noqa: E402
-from keras_powerquant.layers import PowerQuantDepthwiseConv2D  # noqa: E402
-from keras_powerquant.loading import load_model  # noqa: E402
-from keras_powerquant.report import ConversionReport  # noqa: E402
-from keras_powerquant.synthesis import synthesize_inputs  # noqa: E402
-from keras_powerquant.synthesis import SyntheticData  # noqa: E402
+from keras_powerquant.errors import *  # noqa: F401,F403
+from keras_powerquant.report import ConversionReport  # noqa: F401
 
 __version__ = "0.1.0"
+
+# Public names that need Keras, and the module that defines each.
+_KERAS_API = {
+    "PowerQuantExport": "keras_powerquant.callbacks",
+    "convert": "keras_powerquant.converter",
+    "fold_batch_norms": "keras_powerquant.converter",
+    "inspect_model": "keras_powerquant.converter",
+    "export_model": "keras_powerquant.export",
+    "PowerQuantActivation": "keras_powerquant.layers",
+    "PowerQuantConv2D": "keras_powerquant.layers",
+    "PowerQuantDense": "keras_powerquant.layers",
+    "PowerQuantDepthwiseConv2D": "keras_powerquant.layers",
+    "load_model": "keras_powerquant.loading",
+    "synthesize_inputs": "keras_powerquant.synthesis",
+    "SyntheticData": "keras_powerquant.synthesis",
+}
+# Subpackages reachable as attributes (`keras_powerquant.layers`), imported on first use.
+_SUBMODULES = ("callbacks", "converter", "evaluation", "export", "layers", "loading", "quantization", "synthesis")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_powerquant.{name}")
+    module = _KERAS_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_powerquant' has no attribute '{name}'")
+    importlib.import_module("keras_powerquant.layers")  # registers the layers with Keras
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_KERAS_API) | set(_SUBMODULES))

@@ -1,5 +1,6 @@
 """`PowerQuantExport`: convert and export a model when training ends."""
 
+import collections.abc
 import warnings
 
 import keras
@@ -10,6 +11,8 @@ from keras_powerquant.converter.convert import check_options
 from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
+from keras_powerquant.synthesis import SyntheticData
+from keras_powerquant.warmup import check_warmup_count
 
 
 class PowerQuantExport(keras.callbacks.Callback):
@@ -33,6 +36,10 @@ class PowerQuantExport(keras.callbacks.Callback):
             (accuracy, AUC, F1, IoU: "max"); a ValueError at the first
             epoch end when the direction is unknown (a custom metric).
         formats: "savedmodel", "keras" or "both" (see `export_model`).
+        warmup: the number of TF Serving warm-up requests to write into
+            the version (see `export_model`), from the calibration data
+            (which must then be re-iterable: an array or a `tf.data.Dataset`,
+            not a generator), or zeros without it or with synthetic data.
         decode_weights: "load" or "call" (see `export_model`).
         verbose: print where the export went.
         **convert_options: other keyword arguments of `convert`
@@ -54,6 +61,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         mode="auto",
         formats="savedmodel",
         decode_weights="load",
+        warmup=0,
         verbose=1,
         **convert_options,
     ):
@@ -66,6 +74,13 @@ class PowerQuantExport(keras.callbacks.Callback):
         check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
+        check_warmup_count(warmup)
+        calibration = convert_options.get("calibration_data")
+        if warmup and isinstance(calibration, collections.abc.Iterator):
+            raise ValueError(
+                "Warm-up requests are taken from the calibration data after the conversion has read it: "
+                "give it as an array or a tf.data.Dataset, not an iterator or generator."
+            )
         if decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
         if mode not in ("auto", "min", "max"):
@@ -75,6 +90,7 @@ class PowerQuantExport(keras.callbacks.Callback):
         self.monitor = monitor
         self.mode = mode
         self.formats = formats
+        self.warmup = warmup
         self.decode_weights = decode_weights
         self.verbose = verbose
         self.convert_options = convert_options
@@ -131,6 +147,8 @@ class PowerQuantExport(keras.callbacks.Callback):
                 decode_weights=self.decode_weights,
                 report=self.report,
                 float_model=self.model,
+                warmup=self.warmup,
+                warmup_data=_real_inputs(self.convert_options.get("calibration_data")),
             )
         finally:
             if current is not None:
@@ -164,3 +182,8 @@ def _infer_direction(model, monitor):
         f"PowerQuantExport cannot tell whether '{monitor}' should be maximized or minimized; "
         "pass mode='max' or mode='min'."
     )
+
+
+def _real_inputs(calibration_data):
+    """The calibration data if it holds model inputs, None for synthetic data (generated inside `convert`)."""
+    return None if isinstance(calibration_data, (str, SyntheticData)) else calibration_data

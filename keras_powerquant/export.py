@@ -52,18 +52,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.errors import ExportError
 from keras_powerquant.layers import QuantizedKernelLayer
 from keras_powerquant.layers.load_time_decoding import decoded_kernels
 from keras_powerquant.layers.load_time_decoding import DecodedKernel
+from keras_powerquant.limits import DECODE_WEIGHTS
+from keras_powerquant.warmup import check_warmup_count
+from keras_powerquant.warmup import warmup_examples
+from keras_powerquant.warmup import write_warmup_requests
 
 SERVING_SIGNATURE = "serving_default"
 REPORT_FILE = "kpq-report.json"
 KERAS_FILE = "kpq-model.keras"
 FORMATS = ("savedmodel", "keras", "both")
-# When the SavedModel decodes its weight codes: once when loaded (a float
-# kernel in memory, a float model's call cost) or on every call.
-DECODE_WEIGHTS = ("load", "call")
 # TF Serving's version numbers are int64.
 MAX_VERSION = 2**63 - 1
 _STAGING_PREFIX = ".kpq-tmp-"
@@ -185,6 +187,9 @@ def save_serving_model(model, path, decode_weights="load"):
     needed by `signature_keys`. Quantized kernels are stored as codes and
     decoded when the SavedModel is loaded (`decode_weights="load"`) or on
     every call ("call").
+
+    Returns:
+        The signature's input keys, in `model.inputs` order.
     """
     if decode_weights not in DECODE_WEIGHTS:
         raise ExportError(f"`decode_weights` must be one of {DECODE_WEIGHTS}; got {decode_weights!r}.")
@@ -192,6 +197,7 @@ def save_serving_model(model, path, decode_weights="load"):
     tf.saved_model.save(
         module, path, signatures={SERVING_SIGNATURE: module.serve.get_concrete_function()}
     )
+    return [spec.name for spec in module.serve.input_signature]
 
 
 def existing_versions(export_dir):
@@ -316,6 +322,8 @@ def export_model(
     float_model=None,
     overwrite=False,
     decode_weights="load",
+    warmup=0,
+    warmup_data=None,
 ):
     """Exports a (converted) Keras model as one version of a TF Serving export folder.
 
@@ -339,6 +347,11 @@ def export_model(
             float model, holding float kernels in memory beside the codes;
             "call": it decodes them on every call (a gather and a scale per
             layer), holding only the codes. The files store codes either way.
+        warmup: the number of TF Serving warm-up requests to write into the
+            SavedModel (`assets.extra/tf_serving_warmup_requests`, at most
+            1000), each calling `serving_default` with one example; 0 for none.
+        warmup_data: the examples for them, in any form `convert` accepts as
+            calibration data (taken in order, cycled if fewer); zeros without it.
 
     Returns:
         An `ExportResult`.
@@ -357,6 +370,11 @@ def export_model(
         raise ExportError("overwrite=True needs the version to replace; got version=None (the next one).")
     export_dir = check_export_dir(export_dir)
     check_exportable(model, formats)
+    warmup = check_warmup_count(warmup)
+    if warmup and formats == "keras":
+        raise ExportError("Warm-up requests go into the SavedModel; formats='keras' writes none.")
+    # Taken before anything is written: bad warm-up data fails the export early.
+    warmup_inputs = warmup_examples(model, warmup, warmup_data) if warmup else []
     if version is not None and os.path.lexists(os.path.join(export_dir, str(version))) and not overwrite:
         raise _exists_error(export_dir, version)
     created = _make_folders(export_dir)
@@ -365,7 +383,7 @@ def export_model(
             remove_stale_staging(export_dir)
         staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_owner_tag()}-", dir=export_dir)
         try:
-            _write_version(model, staging, formats, report, float_model, decode_weights)
+            _write_version(model, staging, formats, report, float_model, decode_weights, warmup_inputs)
             with _folder_lock(export_dir):
                 version = _publish(staging, export_dir, version, overwrite)
         finally:
@@ -384,14 +402,20 @@ def export_model(
     )
 
 
-def _write_version(model, folder, formats, report, float_model, decode_weights):
-    """Writes every artifact of a version into `folder`, the report last."""
+def _write_version(model, folder, formats, report, float_model, decode_weights, warmup_inputs):
+    """Writes every artifact of a version into `folder`, the report last.
+
+    `warmup_inputs`: one list of arrays (in `model.inputs` order) per warm-up request.
+    """
     sizes = {"variable_bytes": variable_bytes(model)}
     if float_model is not None:
         sizes["float_variable_bytes"] = variable_bytes(float_model)
         sizes["variable_ratio"] = sizes["variable_bytes"] / sizes["float_variable_bytes"]
     if formats in ("savedmodel", "both"):
-        save_serving_model(model, folder, decode_weights)
+        input_keys = save_serving_model(model, folder, decode_weights)
+        if warmup_inputs:
+            requests = [dict(zip(input_keys, example)) for example in warmup_inputs]
+            write_warmup_requests(folder, requests, SERVING_SIGNATURE)
         sizes["saved_model_variables_dir_bytes"] = directory_bytes(os.path.join(folder, "variables"))
     if formats in ("keras", "both"):
         model.save(os.path.join(folder, KERAS_FILE))

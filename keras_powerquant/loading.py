@@ -22,6 +22,7 @@ import zipfile
 import h5py
 import keras
 
+from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import UnsupportedModelError
 

@@ -33,12 +33,12 @@ import tensorflow as tf
 
 from keras_powerquant.converter.graph import FlatGraph
 from keras_powerquant.errors import UnsupportedModelError
+from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
+from keras_powerquant.limits import DEFAULT_STEPS
 from keras_powerquant.loading import resolve_model
 
 logger = logging.getLogger("keras_powerquant")
 
-DEFAULT_NUM_SAMPLES = 32
-DEFAULT_STEPS = 50
 DEFAULT_LEARNING_RATE = 0.1
 DEFAULT_BATCH_SIZE = 64
 # Input channels given their own starting offset (see `_affine_start`).

@@ -109,14 +109,21 @@ def invoke(*args):
     return CliRunner().invoke(main, [os.fspath(a) for a in args])
 
 
-def run_kpq(*args, cwd=None, timeout=300):
-    """Runs the installed `kpq` command as a real process; returns subprocess.CompletedProcess (text)."""
+def run_kpq(*args, cwd=None, timeout=300, tf_log_level="2"):
+    """Runs the installed `kpq` command as a real process; returns subprocess.CompletedProcess (text).
+
+    `tf_log_level` is TF_CPP_MIN_LOG_LEVEL unless already set; None runs
+    with the variable unset, as on a user's machine.
+    """
     executable = shutil.which("kpq", path=str(pathlib.Path(sys.executable).parent))
     if executable is None:
         pytest.skip("the kpq command is not installed next to this Python (pip install -e .)")
     env = dict(os.environ)
     env.setdefault("KERAS_BACKEND", "tensorflow")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if tf_log_level is None:
+        env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    else:
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level)
     command = [executable, *[os.fspath(a) for a in args]]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 

@@ -84,3 +84,15 @@ def cifar_calibration(shared_data):
 
     data = np.load(_shared_file(shared_data, "cifar10/train_4660.npz"))
     return data["x"][:512].astype("float32")
+
+
+@pytest.fixture(scope="session")
+def cpp_loader():
+    """The TensorFlow C++ SavedModel loader (tests/cpp), built once and cached in build/test-cpp."""
+    from tests.cpp_loader import LoaderUnavailable
+    from tests.cpp_loader import build_loader
+
+    try:
+        return build_loader(_REPO_ROOT / "build" / "test-cpp")
+    except LoaderUnavailable as exc:
+        pytest.skip(str(exc))

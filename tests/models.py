@@ -451,6 +451,28 @@ def subclassed():
     return model
 
 
+# Each form of PowerQuantActivation's inference graph: (activation, exponent, signed).
+ACTIVATION_FORMS = [
+    ("linear", 0.62, True),  # Sign, Abs, Log, Exp
+    ("linear", 0.5, True),  # Sign, Abs, Sqrt, Square
+    ("relu", 0.7, False),  # Maximum, Log, Exp
+    ("relu", 0.25, False),  # Relu, Sqrt, Square
+    ("sigmoid", 1.0, False),  # Sigmoid, FakeQuant
+    ("tanh", 1.0, True),  # Tanh, narrow-range FakeQuant
+]
+
+
+def activation_forms_model():
+    """`PowerQuantActivation`s in a chain, one per entry of ACTIVATION_FORMS (4 bits, clip 2); input "features" (6,)."""
+    from keras_powerquant.layers import PowerQuantActivation
+
+    inputs = keras.Input((6,), name="features")
+    h = inputs
+    for activation, exponent, signed in ACTIVATION_FORMS:
+        h = PowerQuantActivation(activation, 4, exponent, 2.0, signed)(h)
+    return keras.Model(inputs, h, name="activation_forms")
+
+
 def build(name, seed=0, stats="data", **kwargs):
     """The model built by `BUILDERS[name]`."""
     return BUILDERS[name](seed=seed, stats=stats, **kwargs)

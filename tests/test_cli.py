@@ -553,12 +553,10 @@ def test_other_errors_exit_1_with_one_error_line(tmp_path):
 
 def test_unexpected_exception_is_still_one_line(small, tmp_path, monkeypatch):
     """The CLI's last line of defence: an error that is not kpq's, with a multi-line message."""
-    import keras_powerquant.cli.main as cli_main
-
     def broken_export(*args, **kwargs):
         raise RuntimeError("first line of a long message\nsecond line\nthird line")
 
-    monkeypatch.setattr(cli_main, "export_model", broken_export)
+    monkeypatch.setattr(kpq, "export_model", broken_export)
     result = invoke("convert", small[1]["keras"], "-o", tmp_path / "out")
     assert result.exit_code == 1
     line = assert_one_line_error(result.stderr, "RuntimeError", "first line of a long message", "--debug")

@@ -16,6 +16,7 @@ import keras_powerquant as kpq
 from keras_powerquant.errors import ExportError
 from keras_powerquant.export import export_model
 from keras_powerquant.export import next_version
+from tests.models import activation_forms_model
 from tests.serving_graph import load_nodes
 from tests.serving_graph import nodes_without_gpu_kernel
 from tests.serving_graph import serving_nodes
@@ -114,23 +115,7 @@ def test_every_serving_op_has_a_gpu_kernel(resnet8_export):
 
 def test_every_activation_form_has_gpu_kernels(tmp_path):
     """Signed and unsigned quantizers with exp/log, square roots and a = 1, exported."""
-    import keras
-
-    from keras_powerquant.layers import PowerQuantActivation
-
-    inputs = keras.Input((6,), name="features")
-    h = inputs
-    for activation, exponent, signed in [
-        ("linear", 0.62, True),  # Sign, Abs, Log, Exp
-        ("linear", 0.5, True),  # Sign, Abs, Sqrt, Square
-        ("relu", 0.7, False),  # Maximum, Log, Exp
-        ("relu", 0.25, False),  # Relu, Sqrt, Square
-        ("sigmoid", 1.0, False),  # Sigmoid, FakeQuant
-        ("tanh", 1.0, True),  # Tanh, narrow-range FakeQuant
-    ]:
-        h = PowerQuantActivation(activation, 4, exponent, 2.0, signed)(h)
-    model = keras.Model(inputs, h)
-    nodes = serving_nodes(export_model(model, tmp_path, 1).saved_model_dir)
+    nodes = serving_nodes(export_model(activation_forms_model(), tmp_path, 1).saved_model_dir)
     ops = {node.op for node in nodes}
     assert {"Sign", "Abs", "Log", "Exp", "Sqrt", "Square", "Maximum", "FakeQuantWithMinMaxArgs"} <= ops
     assert nodes_without_gpu_kernel(nodes) == []

@@ -1,5 +1,6 @@
 """Keras 3 layers of a converted model."""
 
+from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.layers.activation import PowerQuantActivation
 from keras_powerquant.layers.conv2d import PowerQuantConv2D
 from keras_powerquant.layers.conv2d import PowerQuantDepthwiseConv2D

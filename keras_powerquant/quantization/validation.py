@@ -3,8 +3,8 @@
 import math
 import numbers
 
-MIN_BITS = 2
-MAX_BITS = 8
+from keras_powerquant.limits import MAX_BITS
+from keras_powerquant.limits import MIN_BITS
 
 
 def check_bits(bits, name="bits"):

@@ -1,0 +1,21 @@
+"""The limits and defaults of kpq's numeric options, in a module that imports nothing.
+
+The library and the `kpq` command line share them; the command line declares
+its options with them before anything heavy is imported.
+"""
+
+# Supported bit widths of weights and activations.
+MIN_BITS = 2
+MAX_BITS = 8
+
+# TF Serving reads at most this many warm-up records
+# (tensorflow_serving/servables/tensorflow/saved_model_warmup_util.h).
+MAX_WARMUP_REQUESTS = 1000
+
+# Input synthesis (keras_powerquant.synthesis): inputs generated, Adam steps per batch.
+DEFAULT_NUM_SAMPLES = 32
+DEFAULT_STEPS = 50
+
+# When an exported SavedModel decodes its weight codes: once when loaded (a
+# float kernel in memory, a float model's call cost) or on every call.
+DECODE_WEIGHTS = ("load", "call")
