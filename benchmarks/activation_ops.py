@@ -5,7 +5,7 @@ a fixed (16, 32, 32, 16) float32 tensor (normal pre-activations), on CPU,
 at 4 and 8 bits, for five implementations of `y = relu` followed by
 activation quantization with exponent `a` and clip `c`:
 
-- `bucketize+gather`: METHOD section 2's formulation, `Bucketize` of `x`
+- `bucketize+gather`: docs/method.md §2's threshold formulation, `Bucketize` of `x`
   against the 2^b - 1 thresholds `c ((k - 1/2) / M)^(1/a)` (which also
   clips, and sends negatives to code 0) and `GatherV2` of the 2^b levels;
 - `power-domain chain`: `PowerQuantActivation`'s own call, relu,

@@ -1,6 +1,6 @@
-"""Tests of the numpy activation quantizer (METHOD section 2).
+"""Tests of the numpy activation quantizer (docs/method.md §2).
 
-Expected values come from METHOD's formulas, computed here in float64.
+Expected values come from docs/method.md's formulas, computed here in float64.
 """
 
 import numpy as np

@@ -1,7 +1,7 @@
-"""Tests of the exponent / clip search (METHOD section 3).
+"""Tests of the exponent / clip search (docs/method.md §3).
 
 The fast error evaluation is checked against a direct O(n) computation; the
-fits against METHOD's quick facts (200k seeded samples, max-scaled, no
+fits against the quick facts of docs/method.md §3 (200k seeded samples, max-scaled, no
 clipping) and against the quantizers themselves.
 """
 
@@ -94,7 +94,7 @@ def test_sorted_magnitudes_rejects_non_positive_p():
 
 
 # ---------------------------------------------------------------------------
-# fit_weight_exponent on synthetic distributions (METHOD quick facts).
+# fit_weight_exponent on synthetic distributions (docs/method.md §3 quick facts).
 
 
 @pytest.fixture(scope="module")

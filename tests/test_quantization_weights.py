@@ -1,7 +1,7 @@
-"""Tests of the numpy weight quantizer (METHOD section 1).
+"""Tests of the numpy weight quantizer (docs/method.md §1).
 
 Property tests run with hypothesis; every expected value is computed here
-from the formulas of METHOD, never taken from the code under test.
+from the formulas of docs/method.md, never taken from the code under test.
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Weight clipping (docs/method.md §7) in the numpy core: the clip fraction `alpha` and its fit.
 
-Expected values are computed here from METHOD's formulas (`s = alpha max|W|`,
+Expected values are computed here from docs/method.md's formulas (`s = alpha max|W|`,
 `q = sign(W) round(m min(|W|/s, 1)^a)`), never taken from the code under test.
 """
 
@@ -22,7 +22,7 @@ SETTINGS = settings(max_examples=40, deadline=None)
 
 
 def reference_codes(weights, bits, exponent, clip, channel_ndim):
-    """Codes from METHOD's formula, ties rounded up, in float64."""
+    """Codes from docs/method.md's formula, ties rounded up, in float64."""
     m = 2 ** (bits - 1) - 1
     magnitudes = np.abs(weights.astype(np.float64))
     leading = tuple(range(weights.ndim - channel_ndim))

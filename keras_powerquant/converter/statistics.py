@@ -1,4 +1,4 @@
-"""Data-free statistics of every tensor of a model (METHOD section 4).
+"""Data-free statistics of every tensor of a model (docs/method.md §4).
 
 Each tensor gets a `TensorStats`: per-channel Gaussian moments (for
 propagation into the next layer) and a sampler of its value distribution

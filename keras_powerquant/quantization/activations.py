@@ -1,4 +1,4 @@
-"""Power quantization of activations (METHOD section 2)."""
+"""Power quantization of activations (docs/method.md §2)."""
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""BatchNorm folding into the preceding linear layer (METHOD section 5)."""
+"""BatchNorm folding into the preceding linear layer (docs/method.md §5)."""
 
 import numpy as np
 

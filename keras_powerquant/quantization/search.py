@@ -1,4 +1,4 @@
-"""Exponent and clip search by minimising reconstruction error (METHOD section 3).
+"""Exponent and clip search by minimising reconstruction error (docs/method.md §3).
 
 The error of a power quantizer depends on a tensor only through the sorted
 magnitudes of its values: each code collects a contiguous run of them. With

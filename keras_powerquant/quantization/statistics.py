@@ -1,4 +1,4 @@
-"""Gaussian activation statistics for data-free range fitting (METHOD section 4).
+"""Gaussian activation statistics for data-free range fitting (docs/method.md §4).
 
 After BatchNorm folding, the pre-activation of channel `k` of a Conv/Dense +
 BatchNorm is modelled as `Normal(beta_k, gamma_k^2)`. An activation's range

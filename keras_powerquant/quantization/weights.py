@@ -1,4 +1,4 @@
-"""Signed, symmetric power quantization of weight tensors (METHOD section 1)."""
+"""Signed, symmetric power quantization of weight tensors (docs/method.md §1)."""
 
 import numpy as np
 
