@@ -145,7 +145,9 @@ class _ServingModule(tf.Module):
         self.model_variables = [_raw_variable(v) for v in model.variables]
         layers = model._flatten_layers(include_self=False, recursive=True)
         self.decoded_kernels = [
-            DecodedKernel(layer) for layer in layers if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
+            DecodedKernel(layer)
+            for layer in layers
+            if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
         ]
         input_keys = signature_keys([t.name for t in model.inputs])
         output_keys = signature_keys(list(model.output_names))

@@ -16,12 +16,12 @@ from scipy import special
 from keras_powerquant.quantization import search
 from keras_powerquant.quantization.activations import ActivationQuantizer
 from keras_powerquant.quantization.search import ActivationErrorModel
-from keras_powerquant.quantization.search import SortedMagnitudes
-from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.search import fit_activation
 from keras_powerquant.quantization.search import fit_activation_models
 from keras_powerquant.quantization.search import fit_shared_weight_exponent
 from keras_powerquant.quantization.search import fit_weight_exponent
+from keras_powerquant.quantization.search import SortedMagnitudes
+from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.weights import WeightQuantizer
 
 SETTINGS = settings(max_examples=40, deadline=None)

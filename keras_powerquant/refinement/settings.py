@@ -135,12 +135,14 @@ class KernelFitter:
         for _ in range(2 if exponent_bounds is not None and clip else 1):
             if exponent_bounds is not None:
                 exponent, _ = minimize_exponent(
-                    lambda a: self.error(dataclasses.replace(setting, exponent=a), p), exponent_bounds
+                    lambda a, setting=setting: self.error(dataclasses.replace(setting, exponent=a), p), exponent_bounds
                 )
                 setting = dataclasses.replace(setting, exponent=exponent)
             if clip:
                 fraction, error = minimize_bounded(
-                    lambda f: self.error(dataclasses.replace(setting, clip_fraction=f), p), MIN_CLIP_FRACTION, 1.0
+                    lambda f, setting=setting: self.error(dataclasses.replace(setting, clip_fraction=f), p),
+                    MIN_CLIP_FRACTION,
+                    1.0,
                 )
                 if self.error(dataclasses.replace(setting, clip_fraction=1.0), p) <= error:
                     fraction = 1.0
