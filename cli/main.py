@@ -490,7 +490,11 @@ def _inspect_export(folder, as_json):
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
     if "serving" in metadata:
-        click.echo(f"Serving: {_DECODING[metadata['serving']['decode_weights']]}")
+        serving = metadata["serving"]
+        click.echo(f"Serving: {_DECODING[serving['decode_weights']]}")
+        # Exports written before 0.2 do not record their warm-up requests.
+        if "warmup_requests" in serving:
+            click.echo(f"Warm-up requests: {serving['warmup_requests']}")
     signature = metadata.get("signature", {})
     for key, name in signature.get("input_names", {}).items():
         click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")
