@@ -4,5 +4,7 @@ from keras_powerquant import backend  # noqa: F401  (fails early on a non-Tensor
 from keras_powerquant.layers.activation import PowerQuantActivation
 from keras_powerquant.layers.conv2d import PowerQuantConv2D
 from keras_powerquant.layers.conv2d import PowerQuantDepthwiseConv2D
+from keras_powerquant.layers.conv2d_transpose import PowerQuantConv2DTranspose
 from keras_powerquant.layers.dense import PowerQuantDense
+from keras_powerquant.layers.einsum_dense import PowerQuantEinsumDense
 from keras_powerquant.layers.quantized_kernel import QuantizedKernelLayer

@@ -24,7 +24,7 @@ _ACTIVE = contextvars.ContextVar("keras_powerquant_decoded_kernels", default=Non
 
 
 class DecodedKernel(tf.saved_model.experimental.TrackableResource):
-    """A float32 variable holding `layer.dequantized_kernel()`, set when loaded.
+    """A float32 variable holding the layer's decoded kernel in its op's layout, set when loaded.
 
     Args:
         layer: a built `QuantizedKernelLayer`.
@@ -32,7 +32,7 @@ class DecodedKernel(tf.saved_model.experimental.TrackableResource):
 
     def __init__(self, layer):
         self._layer = layer
-        self._shape = layer._kernel_shape
+        self._shape = tuple(layer.op_kernel_shape())
         self._shared_name = _content_name(layer)
         super().__init__()
 
@@ -45,7 +45,8 @@ class DecodedKernel(tf.saved_model.experimental.TrackableResource):
         return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=self._shape, shared_name=self._shared_name)
 
     def _initialize(self):
-        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=self._layer.dequantized_kernel())
+        kernel = self._layer.op_kernel(self._layer.dequantized_kernel())
+        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=kernel)
 
     def _destroy_resource(self):
         # Not destroyed with one loaded object: another load of the same

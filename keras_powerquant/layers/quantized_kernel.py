@@ -23,7 +23,13 @@ class QuantizedKernelLayer(keras.layers.Layer):
     - `kernel_scale`: float32, `alpha max |W|` per output channel (shape of
       the kernel's trailing output-channel axes), or a scalar per tensor;
       `alpha` is the clip fraction given to `set_float_weights` (1 = no clip).
-    - `bias`: float32 `(channels,)`, when `use_bias`.
+    - `bias`: float32 `(channels,)` (`bias_shape`), when `use_bias`.
+
+    The stored kernel holds its output-channel axes last (the scales' axes).
+    A layer whose op takes another layout (Conv2DTranspose's
+    `(kh, kw, filters, in)`) overrides `op_kernel` to reorder the decoded
+    kernel; load-time decoding stores the reordered kernel, so serving does
+    not reorder it on each call.
 
     The kernel is decoded on each call with one gather from a table of the
     normalized levels `sign(q) (|q| / m)^(1/a)` (at `<= 4` bits, a table of
@@ -78,6 +84,18 @@ class QuantizedKernelLayer(keras.layers.Layer):
     def output_channels(self, kernel_shape):
         return math.prod(kernel_shape[len(kernel_shape) - self.channel_ndim :])
 
+    def bias_shape(self, input_shape, kernel_shape):
+        """Shape of the bias: one value per output channel."""
+        return (self.output_channels(kernel_shape),)
+
+    def op_kernel(self, kernel):
+        """The kernel in the layout the layer's op takes; the stored layout unless overridden."""
+        return kernel
+
+    def op_kernel_shape(self):
+        """Shape of `op_kernel(dequantized_kernel())`."""
+        return self._kernel_shape
+
     def build(self, input_shape):
         shape = tuple(int(d) for d in self.kernel_shape(input_shape))
         self._kernel_shape = shape
@@ -92,7 +110,7 @@ class QuantizedKernelLayer(keras.layers.Layer):
         )
         if self.use_bias:
             self.bias = self.add_weight(
-                name="bias", shape=(self.output_channels(shape),), initializer="zeros", trainable=False
+                name="bias", shape=self.bias_shape(input_shape, shape), initializer="zeros", trainable=False
             )
         else:
             self.bias = None
@@ -103,9 +121,11 @@ class QuantizedKernelLayer(keras.layers.Layer):
         """Quantizes a float kernel into this (built) layer and sets the bias.
 
         Args:
-            kernel: float array of the layer's kernel shape (the shape the
-                equivalent Keras layer's kernel has).
-            bias: float array `(channels,)`; required iff `use_bias`.
+            kernel: float array of the layer's kernel shape: the Keras
+                layer's kernel, or for layers whose Keras kernel does not
+                hold its output channels last (Conv2DTranspose,
+                EinsumDense), that kernel with its axes reordered so it does.
+            bias: float array of `bias_shape` (`(channels,)`); required iff `use_bias`.
             clip_fraction: weight clip fraction `alpha` in `(0, 1]`, a scalar
                 or one per scale: the scales become `alpha max |W|` and larger
                 magnitudes take the largest code.
@@ -129,7 +149,7 @@ class QuantizedKernelLayer(keras.layers.Layer):
             raise ValueError(f"Layer '{self.name}' has no bias; one was given.")
 
     def dequantized_kernel(self):
-        """The float32 kernel the layer computes with, in the Keras kernel shape."""
+        """The float32 kernel the layer computes with, in its stored layout (`set_float_weights`')."""
         if not self.packed and self.weight_exponent == 1.0:
             scale = self.kernel_scale * (1.0 / self.quantizer.max_code)
             return tf.cast(self.kernel_codes, tf.float32) * scale
@@ -145,14 +165,20 @@ class QuantizedKernelLayer(keras.layers.Layer):
         return values * self.kernel_scale
 
     def call_kernel(self):
-        """The kernel `call` computes with: decoded at load time when exporting so, else now."""
+        """The kernel `call` computes with, in `op_kernel`'s layout.
+
+        Decoded at load time in a SavedModel exported so, else now.
+        """
         decoded = active_decoded_kernel(self)
-        return decoded.read() if decoded is not None else self.dequantized_kernel()
+        return decoded.read() if decoded is not None else self.op_kernel(self.dequantized_kernel())
 
     def _finish(self, outputs):
         if self.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.bias, data_format=self._bias_data_format())
+            outputs = self._add_bias(outputs)
         return self.activation(outputs) if self.activation is not None else outputs
+
+    def _add_bias(self, outputs):
+        return tf.nn.bias_add(outputs, self.bias, data_format=self._bias_data_format())
 
     def _bias_data_format(self):
         return "N...C"

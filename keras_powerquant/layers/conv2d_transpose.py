@@ -1,0 +1,79 @@
+"""PowerQuantConv2DTranspose: `Conv2DTranspose` with a power-quantized integer kernel."""
+
+import keras
+import tensorflow as tf
+
+from keras_powerquant.layers.conv2d import _pair
+from keras_powerquant.layers.conv2d import _PowerQuantConv2DBase
+
+
+@keras.saving.register_keras_serializable(package="keras_powerquant")
+class PowerQuantConv2DTranspose(_PowerQuantConv2DBase):
+    """Transposed 2-D convolution whose kernel is stored as power-quantized codes.
+
+    Computes `activation(conv_transpose(x, W_hat) + bias)` as
+    `keras.layers.Conv2DTranspose` does, one scale per filter.
+
+    The kernel is stored as `(kh, kw, in_channels, filters)`, output channels
+    last like every PowerQuant layer's (so per-channel scales, BatchNorm
+    folding and the weight fits treat it as a Conv2D kernel);
+    `set_float_weights` takes that layout, i.e. the Keras kernel
+    `(kh, kw, filters, in_channels)` with its two last axes swapped, and the
+    op receives the decoded kernel swapped back (`op_kernel`).
+
+    Args:
+        filters: number of output channels.
+        kernel_size, strides, padding, output_padding, data_format,
+            dilation_rate: as in `keras.layers.Conv2DTranspose`.
+        weight_bits, weight_exponent, per_channel, activation, use_bias: see
+            `QuantizedKernelLayer`.
+
+    Input shape:
+        4-D `(batch, rows, cols, channels)` (channels_last) or
+        `(batch, channels, rows, cols)` (channels_first).
+
+    Output shape:
+        4-D, with `filters` channels and the rows and columns that
+        `keras.layers.Conv2DTranspose` gives.
+    """
+
+    def __init__(self, filters, kernel_size, output_padding=None, **kwargs):
+        super().__init__(kernel_size, **kwargs)
+        self.filters = int(filters)
+        self.output_padding = None if output_padding is None else _pair(output_padding, "output_padding")
+        if self.output_padding is not None and any(p >= s for p, s in zip(self.output_padding, self.strides)):
+            raise ValueError(
+                f"`output_padding` must be smaller than `strides` on each axis; got output_padding="
+                f"{self.output_padding}, strides={self.strides}."
+            )
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                f"`strides` > 1 and `dilation_rate` > 1 cannot be combined; got strides={self.strides}, "
+                f"dilation_rate={self.dilation_rate}."
+            )
+
+    def kernel_shape(self, input_shape):
+        return self.kernel_size + (self._input_channels(input_shape), self.filters)
+
+    def op_kernel(self, kernel):
+        return tf.transpose(kernel, (0, 1, 3, 2))
+
+    def op_kernel_shape(self):
+        kh, kw, channels, filters = self._kernel_shape
+        return (kh, kw, filters, channels)
+
+    def _convolve(self, inputs, kernel):
+        # NHWC only (see `call`): TensorFlow's Conv2DBackpropInput has CPU
+        # and GPU kernels for it.
+        return keras.ops.conv_transpose(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            data_format="channels_last",
+            dilation_rate=self.dilation_rate,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "output_padding": self.output_padding}
