@@ -238,3 +238,52 @@ def test_the_callback_holds_the_config_it_converts_with(tmp_path):
     config = ConversionConfig(5, 6, "uniform", scope="network")
     assert kpq.PowerQuantExport(tmp_path, config=config).config is config
     assert kpq.PowerQuantExport(tmp_path, 5, 6, "uniform", scope="network").config == config
+
+
+# ---------------------------------------------------------------------------
+# kpq convert builds its config from its flags: bad combinations are usage errors.
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from tests.cli_helpers import random_images
+    from tests.cli_helpers import save_small_model
+
+    folder = tmp_path_factory.mktemp("config_cli")
+    _, paths = save_small_model(folder)
+    np.save(folder / "calib.npy", random_images(8))
+    np.save(folder / "labels.npy", np.arange(8) % 10)
+    return folder, paths
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--calibration-data", "calib.npy", "--target-size", "1.5"], "must be in (0, 1]; got 1.5"),
+        (["--calibration-data", "calib.npy", "--target-size", "0.5", "--mean-bits", "3"], "not both"),
+        (["--mean-bits", "3"], "`mean_bits` measures the network loss on calibration data: pass --calibration-data"),
+        (["--calibration-data", "calib.npy", "--calibration-labels", "labels.npy"], "only used by refinement"),
+    ],
+)
+def test_cli_options_the_config_refuses_exit_2(cli_files, monkeypatch, args, message):
+    from tests.cli_helpers import invoke
+
+    folder, paths = cli_files
+    monkeypatch.chdir(folder)
+    result = invoke("convert", paths["keras"], "-o", "out", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (folder / "out").exists()
+
+
+def test_cli_report_records_the_config_of_its_flags(cli_files, monkeypatch):
+    from tests.cli_helpers import invoke
+
+    folder, paths = cli_files
+    monkeypatch.chdir(folder)
+    result = invoke("convert", paths["keras"], "-o", "out", "--wbits", "5", "--abits", "float", "--scope", "network",
+                    "--continuous-activations", "--bias-correction", "off", "--format", "keras", "--json")
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.stdout)["report"]["options"]
+    expected = ConversionConfig(5, None, scope="network", fast_activations=False, bias_correction=False)
+    assert ConversionConfig.from_config({k: options[k] for k in expected.get_config()}) == expected
