@@ -107,3 +107,17 @@ def test_resnet8_exports_serve_in_the_cpp_loader(cpp_loader, resnet8_model, cifa
         assert report.quantized_layers, label
         exports.append((f"ResNet-8 {label}", path, images))
     _check_served(exports, cpp_loader, tmp_path / "served")
+
+
+def test_new_layer_types_serve_in_the_cpp_loader(cpp_loader, tmp_path):
+    """SeparableConv2D (split), Conv2DTranspose and EinsumDense, kernels decoded at load and per call."""
+    from tests.test_new_layers_export import converted
+
+    images = {"image": np.random.default_rng(5).standard_normal((8, 8, 8, 3)).astype("float32")}
+    quantized = converted(wbits=4, abits=4)
+    exports = []
+    for decode_weights in ("load", "call"):
+        path = export_model(quantized, tmp_path / decode_weights, 1, decode_weights=decode_weights).saved_model_dir
+        assert "Conv2DBackpropInput" in _ops(path)
+        exports.append((f"new layer types, decoded at {decode_weights}", path, images))
+    _check_served(exports, cpp_loader, tmp_path / "served")

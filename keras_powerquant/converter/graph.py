@@ -5,6 +5,8 @@ analyses (which BatchNorm folds where, which tensors feed quantized layers,
 data-free statistics) see one DAG of leaf layers. Tensors are identified by
 keys `(scope, id(keras_tensor))`, where the scope names the chain of
 nested-model calls, so a nested model called twice gives two sets of keys.
+A SeparableConv2D call appears as the depthwise and pointwise layers it
+computes (see `separable`).
 
 This relies on the graph structure Keras 3 itself uses in
 `keras.models.clone_model`: `Functional._nodes_by_depth`, `Node.arguments`
@@ -15,6 +17,8 @@ import dataclasses
 
 import keras
 
+from keras_powerquant.converter.separable import is_separable
+from keras_powerquant.converter.separable import SeparableSplitter
 from keras_powerquant.loading import has_layer_graph
 
 
@@ -86,6 +90,7 @@ class FlatGraph:
         self.input_tensors = list(graph.inputs)
         self.input_keys = [((), id(t)) for t in self.input_tensors]
         self.ops = []
+        self._split_separable = SeparableSplitter()
         self.output_keys = self._expand(graph, (), self.input_keys)
         self.producer = {}
         self.consumers = {key: [] for key in self.input_keys}
@@ -110,12 +115,25 @@ class FlatGraph:
                 if is_graph_model(layer):
                     inner_scope = scope + ((layer.name, id(node)),)
                     outputs = self._expand(functional_of(layer), inner_scope, node_inputs)
+                elif is_separable(layer):
+                    outputs = self._append_split(layer, node, scope, node_inputs)
                 else:
                     outputs = [(scope, id(t)) for t in node.outputs]
                     self.ops.append(Op(layer, node, node_inputs, outputs, len(self.ops)))
                 for tensor, key in zip(node.outputs, outputs):
                     keys[id(tensor)] = key
         return [keys[id(t)] for t in graph.outputs]
+
+    def _append_split(self, layer, node, scope, input_keys):
+        """Appends the depthwise and pointwise calls a SeparableConv2D call computes (see `separable`)."""
+        tensor, parts = self._split_separable(layer, node.input_tensors[0])
+        keys = {id(tensor): input_keys[0]}
+        for part in parts:
+            part_node = part._inbound_nodes[-1]
+            outputs = [(scope, id(t)) for t in part_node.outputs]
+            self.ops.append(Op(part, part_node, [keys[id(part_node.input_tensors[0])]], outputs, len(self.ops)))
+            keys[id(part_node.outputs[0])] = outputs[0]
+        return outputs
 
     def calls(self, layer):
         """The `Op`s that call `layer` (more than one for a shared layer)."""
