@@ -136,3 +136,15 @@ def test_config_and_keras_file_round_trip(tmp_path):
     assert type(restored) is PowerQuantEinsumDense and restored.get_config() == config
     np.testing.assert_array_equal(restored.kernel_codes.numpy(), layer.kernel_codes.numpy())
     np.testing.assert_array_equal(loaded.predict(data, verbose=0), model.predict(data, verbose=0))
+
+
+def test_use_bias_puts_a_bias_on_the_kernel_output_axes():
+    layer = PowerQuantEinsumDense("abc,dce->abde", (None, 2, 5), use_bias=True)
+    assert layer.bias_axes == "de"
+    layer.build((None, 3, 4))
+    assert layer.bias.shape == (2, 5) and layer.output_channels(layer._kernel_shape) == 10
+    assert PowerQuantEinsumDense("abc,cd->abd", (None, 5), use_bias=False).bias_axes is None
+    with pytest.raises(ValueError, match="contradicts"):
+        PowerQuantEinsumDense("abc,cd->abd", (None, 5), bias_axes="d", use_bias=False)
+    with pytest.raises(ValueError, match="no"):
+        PowerQuantEinsumDense("ab,b->a", (), use_bias=True)

@@ -133,6 +133,10 @@ class PowerQuantEinsumDense(QuantizedKernelLayer):
         output_shape: the output shape without the batch axis (and without
             elided axes), as in `keras.layers.EinsumDense`; an int for one axis.
         bias_axes: output letters that carry a bias, or None for no bias.
+        use_bias: None (default) follows `bias_axes`; True with `bias_axes`
+            None puts the bias on the kernel's output axes (one value per
+            scale), which is how the converter adds a bias to hold a bias
+            correction.
         weight_bits, weight_exponent, per_channel, activation: see
             `QuantizedKernelLayer`.
 
@@ -143,11 +147,17 @@ class PowerQuantEinsumDense(QuantizedKernelLayer):
         `(batch,) + output_shape`, elided axes kept.
     """
 
-    def __init__(self, equation, output_shape, bias_axes=None, **kwargs):
-        kwargs.pop("use_bias", None)  # given by bias_axes
+    def __init__(self, equation, output_shape, bias_axes=None, use_bias=None, **kwargs):
+        parts = EinsumEquation.parse(equation)
+        if use_bias and bias_axes is None:
+            bias_axes = "".join(c for c in parts.outputs if c in parts.output_axes)
+            if not bias_axes:
+                raise ValueError(f"`use_bias=True` needs an output axis in the kernel; {equation!r} has none.")
+        elif use_bias is False and bias_axes is not None:
+            raise ValueError(f"`use_bias=False` contradicts `bias_axes={bias_axes!r}`.")
         super().__init__(use_bias=bias_axes is not None, **kwargs)
         self.equation = equation
-        self.equation_parts = EinsumEquation.parse(equation)
+        self.equation_parts = parts
         self.partial_output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
         self.bias_axes = bias_axes
         self.channel_ndim = len(self.equation_parts.output_axes)
