@@ -2,7 +2,7 @@
 #   make demo   trains the generated demo CNN (deterministically), converts it
 #               (PowerQuant and uniform, W4/A4, calibrated and refined) and
 #               prints float vs quantized accuracy
-#   make test   runs the test suite
+#   make test   lints (ruff, configured in pyproject.toml) and runs the test suite
 # Both create the virtualenv $(VENV) and install the project into it first.
 
 PYTHON ?= python3
@@ -29,6 +29,7 @@ demo: $(VENV)/.installed
 # The second run repeats the layer tests on TensorFlow's plain CPU kernels, the
 # ones a CPU without AVX-512 gets, which refuse some configurations oneDNN runs.
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m pytest -q tests/test_layers.py
 

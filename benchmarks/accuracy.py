@@ -147,7 +147,9 @@ def run(quick=False):
     for wbits, abits in configs:
         for calibration_name in CALIBRATIONS:
             label = common.bits_label(wbits, abits)
-            other_pairs.append((f"{label} powerquant {calibration_name}", f"{label} powerquant-continuous {calibration_name}"))
+            other_pairs.append(
+                (f"{label} powerquant {calibration_name}", f"{label} powerquant-continuous {calibration_name}")
+            )
     for wbits in WEIGHT_ONLY_BITS:
         label = common.bits_label(wbits, None)
         other_pairs += [(f"{label} powerquant", f"{label} uniform"), (f"{label} powerquant", "float")]

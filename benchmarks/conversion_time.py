@@ -95,7 +95,9 @@ def plot(result, folder):
         ax.annotate(e["model"], (e["params"], e["median_seconds"]), textcoords="offset points",
                     xytext=(-10, 8), fontsize=8)
     ax.margins(x=0.15, y=0.3)
-    ax.axhline(GOAL_SECONDS, color="gray", linestyle="--", linewidth=1, label=f"goal for ResNet50: {GOAL_SECONDS:.0f} s")
+    ax.axhline(
+        GOAL_SECONDS, color="gray", linestyle="--", linewidth=1, label=f"goal for ResNet50: {GOAL_SECONDS:.0f} s"
+    )
     ax.set_xlabel("parameters")
     ax.set_ylabel("convert() seconds (median)")
     ax.set_title("Data-free W4/A4 PowerQuant conversion time")

@@ -30,10 +30,10 @@ SavedModels give the same predictions).
 import sys
 import time
 
+import accuracy
 import common
 import numpy as np
 
-import accuracy
 import keras_powerquant as kpq
 from keras_powerquant.converter import statistics as data_free_statistics
 
@@ -203,12 +203,13 @@ def markdown(result):
         if row["name"] == "float":
             table[(row["model"], "float")] = row["top1"]
             continue
-        table[(row["model"], row["wbits"], row["abits"], row["calibration"], row["method"], row["setting"])] = row["top1"]
+        key = (row["model"], row["wbits"], row["abits"], row["calibration"], row["method"], row["setting"])
+        table[key] = row["top1"]
     settings = list(SETTINGS)
     for model in dict.fromkeys(r["model"] for r in result["results"]):
         lines += [f"**{model}** (float {_pct(table[(model, 'float')])})", ""]
         rows = []
-        for key, value in table.items():
+        for key in table:
             if key[0] != model or key[1] == "float" or key[-1] != "baseline":
                 continue
             _, wbits, abits, calibration, method, _ = key
@@ -232,13 +233,15 @@ def markdown(result):
         lines.append(f"VWW: skipped ({vww['skipped']}).")
     else:
         lines += [
-            f"**VWW MobileNetV1** (no labels): top-1 agreement with float (%) / mean absolute difference of probabilities on "
+            "**VWW MobileNetV1** (no labels): top-1 agreement with float (%) / mean absolute difference of "
+            "probabilities on "
             f"{VWW_IMAGES} uniform random images, data-free.",
             "",
         ]
         rows = [[r["name"], f"{r['top1_agreement'] * 100:.1f}", f"{r['mean_abs_probability_difference']:.4f}",
                  r["corrected_layers"], f"{r['convert_seconds']:.1f}"] for r in vww]
-        lines.append(common.markdown_table(["conversion", "agreement %", "mean abs Δp", "corrected layers", "convert s"], rows))
+        header = ["conversion", "agreement %", "mean abs Δp", "corrected layers", "convert s"]
+        lines.append(common.markdown_table(header, rows))
     return "\n".join(lines)
 
 

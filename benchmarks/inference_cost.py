@@ -135,7 +135,9 @@ def run(quick=False):
             "note": "0 = TensorFlow's default (all cores)",
         },
         "quick": quick,
-        "configs": {label: dict(zip(("wbits", "abits", "variant", "decode_weights"), c)) for label, c in CONFIGS.items()},
+        "configs": {
+            label: dict(zip(("wbits", "abits", "variant", "decode_weights"), c)) for label, c in CONFIGS.items()
+        },
         "entries": entries,
         "goal": _goal(entries),
     }

@@ -71,7 +71,8 @@ def _demo_model():
 
 
 def _correct(model, x, y):
-    scores = np.concatenate([np.asarray(model(x[i : i + BATCH_SIZE], training=False)) for i in range(0, len(x), BATCH_SIZE)])
+    batches = (x[i : i + BATCH_SIZE] for i in range(0, len(x), BATCH_SIZE))
+    scores = np.concatenate([np.asarray(model(batch, training=False)) for batch in batches])
     return np.argmax(scores, axis=1) == y
 
 

@@ -53,7 +53,12 @@ def run(quick=False):
 
 def markdown(result):
     rows = [
-        [step["name"], step["evaluations"], f"{step['seconds']:.0f}", f"{step['seconds'] / max(step['evaluations'], 1):.2f}"]
+        [
+            step["name"],
+            step["evaluations"],
+            f"{step['seconds']:.0f}",
+            f"{step['seconds'] / max(step['evaluations'], 1):.2f}",
+        ]
         for step in result["steps"]
     ]
     return "\n".join(
@@ -64,7 +69,8 @@ def markdown(result):
             f"{result['model']}, {result['parameters']:,} parameters, {result['quantized_layers']} quantized layers, "
             f"{result['activation_quantizers']} activation quantizers; W4/A4, refinement on {result['refine_samples']} "
             f"random 224x224 images, LAPQ budget {result['lapq_evaluations']} evaluations. Whole `convert` "
-            f"{result['convert_seconds']:.0f} s, of which refinement {result['stage_seconds'].get('refinement', 0):.0f} s. "
+            f"{result['convert_seconds']:.0f} s, of which refinement "
+            f"{result['stage_seconds'].get('refinement', 0):.0f} s. "
             "Shared 2-core machine (other jobs running): upper bounds. Learned rounding (the fourth step of "
             "`refine=True`) is not part of this measurement, and nothing was measured on a GPU (none on the "
             "development machines). An evaluation's time grows linearly with `refine_samples`.",

@@ -21,14 +21,13 @@ import os
 import sys
 import time
 
-import common
-import keras
-
 import accuracy
 import activation_ops
+import common
 import conversion_time
 import demo_accuracy
 import inference_cost
+import keras
 import sizes
 import synthetic_calibration
 import weight_error

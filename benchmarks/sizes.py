@@ -131,9 +131,10 @@ def markdown(result):
     lines = [
         "## Exported size",
         "",
-        f"`{result['setting']}`; `W4 all layers` adds `quantize_first_last=True`. `variables/` = bytes of the SavedModel's variables folder; "
-        "`payload` = `variable_bytes` (values only); `SavedModel` = the whole version folder, graph included; `codes / other` = payload "
-        "bytes of the int8 codes / of the float32 scales, biases and float layers.",
+        f"`{result['setting']}`; `W4 all layers` adds `quantize_first_last=True`. `variables/` = bytes of the "
+        "SavedModel's variables folder; `payload` = `variable_bytes` (values only); `SavedModel` = the whole version "
+        "folder, graph included; `codes / other` = payload bytes of the int8 codes / of the float32 scales, biases "
+        "and float layers.",
         "",
     ]
     rows = []

@@ -65,10 +65,10 @@ def _measure_model(name):
         "quantized_layers": len(layers),
         "layers_with_exponent_not_1": len(fitted),
         "of_which_error_below_uniform": sum(layer["error"] < layer["uniform_error"] for layer in fitted),
-        "exponent_range": [min(l["exponent"] for l in layers), max(l["exponent"] for l in layers)],
+        "exponent_range": [min(layer["exponent"] for layer in layers), max(layer["exponent"] for layer in layers)],
         "ratio_median": float(np.median(ratios)),
         "ratio_range": [float(ratios.min()), float(ratios.max())],
-        "total_ratio": sum(l["error"] for l in layers) / sum(l["uniform_error"] for l in layers),
+        "total_ratio": sum(layer["error"] for layer in layers) / sum(layer["uniform_error"] for layer in layers),
         "max_relative_difference_report_vs_decoded_kernels": check,
     }
 

@@ -235,7 +235,8 @@ def _format_bytes(count):
               help="Range of the model's inputs, for --calibration-data synthetic (e.g. 0 255 for raw pixels).")
 @click.option("--scope", type=click.Choice(["layer", "network"]), default="layer", show_default=True,
               help="One exponent per layer, or one shared by all layers.")
-@click.option("--quantize-first-last", is_flag=True, help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
+@click.option("--quantize-first-last", is_flag=True,
+              help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
 @click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
               help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
               "inference), or fitted anywhere (two exp/log pairs per activation).")
@@ -257,8 +258,9 @@ def _format_bytes(count):
 @click.option("--calibration-labels", type=click.Path(exists=True, dir_okay=False),
               help="Integer labels of the calibration samples (.npy, or .npz array 'y'): refinement minimises "
               "cross-entropy instead of the KL divergence to the float model.")
-@click.option("--target-size", metavar="SIZE", help="Mixed precision: weight bytes of the converted model (an integer), or a "
-              "fraction of the float model's (e.g. 0.15). Needs --calibration-data.")
+@click.option("--target-size", metavar="SIZE",
+              help="Mixed precision: weight bytes of the converted model (an integer), or a fraction "
+              "of the float model's (e.g. 0.15). Needs --calibration-data.")
 @click.option("--mean-bits", type=click.FloatRange(2, 8), help="Mixed precision: mean kernel bits per weight.")
 @click.option("--refine-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration samples refinement evaluates the network on.")
@@ -333,7 +335,10 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
     corrections = {"auto": True, "off": False}
-    defaults = {"weight_clipping": weight_clipping, "bias_correction": corrections.get(bias_correction, bias_correction)}
+    defaults = {
+        "weight_clipping": weight_clipping,
+        "bias_correction": corrections.get(bias_correction, bias_correction),
+    }
     try:
         quantized, report = kpq.convert(
             original,
@@ -386,7 +391,8 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         f"Weights: {_format_bytes(sizes['float_variable_bytes'])} float -> "
         f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
     )
-    for label, path in (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path)):
+    written = (("SavedModel", result.saved_model_dir), ("Keras", result.keras_path), ("Report", result.report_path))
+    for label, path in written:
         if path:
             click.echo(f"{label}: {path}")
     if result.saved_model_dir:
@@ -484,7 +490,11 @@ def _inspect_export(folder, as_json):
             f"{_format_bytes(sizes['variable_bytes'])} quantized ({sizes['variable_ratio']:.3f}x)"
         )
     if "serving" in metadata:
-        click.echo(f"Serving: {_DECODING[metadata['serving']['decode_weights']]}")
+        serving = metadata["serving"]
+        click.echo(f"Serving: {_DECODING[serving['decode_weights']]}")
+        # Exports written before 0.2 do not record their warm-up requests.
+        if "warmup_requests" in serving:
+            click.echo(f"Warm-up requests: {serving['warmup_requests']}")
     signature = metadata.get("signature", {})
     for key, name in signature.get("input_names", {}).items():
         click.echo(f"Signature input '{key}': model input '{name}', shape {signature['inputs'][key]}")
@@ -503,7 +513,8 @@ def _check_scale(context, param, value):
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help=".npz with images and labels.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help=".npz with images and labels.")
 @click.option("--x-key", default="x", show_default=True, help="Array of inputs in --data.")
 @click.option("--y-key", default="y", show_default=True,
               help="Array of labels in --data: class indices, or one-hot rows.")
@@ -627,4 +638,4 @@ def synthesize(model, out, num_samples, seed, steps, input_range, overwrite):
     losses = [f"BatchNorm loss {result.batchnorm_loss:.4g}" if result.batchnorm_loss is not None else None,
               f"class loss {result.class_loss:.4g}" if result.class_loss is not None else None]
     shapes = ", ".join(f"{x.shape} {x.dtype}" for x in result.inputs)
-    click.echo(f"Wrote {out}: {shapes}; {'; '.join(l for l in losses if l)}; {result.seconds:.1f} s.")
+    click.echo(f"Wrote {out}: {shapes}; {'; '.join(loss for loss in losses if loss)}; {result.seconds:.1f} s.")

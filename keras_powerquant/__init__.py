@@ -9,11 +9,15 @@ are integer codes, fitted per layer with power exponents (Yvinec et al.,
 command answers `--help` without them. The first use of a name that needs
 Keras (`kpq.convert`, `kpq.load_model`, the layers...) imports Keras, checks
 that it uses the TensorFlow backend and registers the `PowerQuant*` layers,
-so converted `.keras` files then load with `keras.saving.load_model`
-(`import keras_powerquant.layers` registers them explicitly).
+so converted `.keras` files then load with `keras.saving.load_model`. When
+Keras is already imported, `import keras_powerquant` registers them at once
+(it costs nothing then), so `import keras; import keras_powerquant` is all
+a script needs before `keras.saving.load_model`; `import
+keras_powerquant.layers` registers them explicitly in any order.
 """
 
 import importlib
+import sys
 
 from keras_powerquant.errors import *  # noqa: F401,F403
 from keras_powerquant.report import ConversionReport  # noqa: F401
@@ -53,3 +57,7 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_KERAS_API) | set(_SUBMODULES))
+
+
+if "keras" in sys.modules:
+    importlib.import_module("keras_powerquant.layers")

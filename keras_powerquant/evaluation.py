@@ -119,7 +119,9 @@ def check_images(x):
     """
     x = np.asarray(x)
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or x.ndim == 0:
-        raise EvaluationDataError(f"The inputs must be a numeric array (images, ...); got dtype {x.dtype}, shape {x.shape}.")
+        raise EvaluationDataError(
+            f"The inputs must be a numeric array (images, ...); got dtype {x.dtype}, shape {x.shape}."
+        )
     if len(x) == 0:
         raise EvaluationDataError(f"The inputs hold no images (shape {x.shape}).")
     x = x.astype(np.float32, copy=False)

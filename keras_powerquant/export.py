@@ -145,7 +145,9 @@ class _ServingModule(tf.Module):
         self.model_variables = [_raw_variable(v) for v in model.variables]
         layers = model._flatten_layers(include_self=False, recursive=True)
         self.decoded_kernels = [
-            DecodedKernel(layer) for layer in layers if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
+            DecodedKernel(layer)
+            for layer in layers
+            if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
         ]
         input_keys = signature_keys([t.name for t in model.inputs])
         output_keys = signature_keys(list(model.output_names))
@@ -283,13 +285,13 @@ def check_exportable(model, formats="savedmodel"):
             )
 
 
-def _metadata(model, report, sizes, decode_weights):
+def _metadata(model, report, sizes, decode_weights, warmup_requests):
     input_keys = signature_keys([t.name for t in model.inputs])
     output_keys = signature_keys(list(model.output_names))
     return {
         "report": report.to_dict() if report is not None else None,
         "sizes": sizes,
-        "serving": {"decode_weights": decode_weights},
+        "serving": {"decode_weights": decode_weights, "warmup_requests": warmup_requests},
         "signature": {
             "name": SERVING_SIGNATURE,
             "inputs": {key: list(t.shape) for key, t in zip(input_keys, model.inputs)},
@@ -411,7 +413,8 @@ def _write_version(model, folder, formats, report, float_model, decode_weights, 
     if float_model is not None:
         sizes["float_variable_bytes"] = variable_bytes(float_model)
         sizes["variable_ratio"] = sizes["variable_bytes"] / sizes["float_variable_bytes"]
-    if formats in ("savedmodel", "both"):
+    saved_model = formats in ("savedmodel", "both")
+    if saved_model:
         input_keys = save_serving_model(model, folder, decode_weights)
         if warmup_inputs:
             requests = [dict(zip(input_keys, example)) for example in warmup_inputs]
@@ -420,7 +423,8 @@ def _write_version(model, folder, formats, report, float_model, decode_weights, 
     if formats in ("keras", "both"):
         model.save(os.path.join(folder, KERAS_FILE))
     with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as file:
-        json.dump(_metadata(model, report, sizes, decode_weights), file, indent=2)
+        metadata = _metadata(model, report, sizes, decode_weights, len(warmup_inputs) if saved_model else 0)
+        json.dump(metadata, file, indent=2)
 
 
 def _exists_error(export_dir, version, meanwhile=False):

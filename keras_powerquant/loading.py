@@ -190,7 +190,7 @@ def check_convertible(model):
                 "before converting."
             )
         try:
-            model.inputs
+            _ = model.inputs  # raises while the Sequential has no input shape
         except (AttributeError, ValueError):
             raise UnsupportedModelError(
                 f"Sequential model '{name}' has no defined input shape, so "
@@ -581,7 +581,7 @@ def _repair_layer(layer, notes):
                 _repair_layer(item, notes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_class(class_name):
     """The Keras 3 layer class the legacy loader would use, or None."""
     from keras.src import layers as layers_module
@@ -594,7 +594,7 @@ def _layer_class(class_name):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _named_parameters(cls):
     """Keyword arguments named in the `__init__` signatures along `cls`'s MRO."""
     names = set()

@@ -363,7 +363,7 @@ def _affine_start(graph, batch_norms, input_shapes, seed):
     jacobian = np.stack(columns, axis=1)
     solution = np.linalg.lstsq(jacobian, target_mean - base, rcond=None)[0]
     result, column = [], 0
-    for (index, channels), (shape, _) in zip(starts, input_shapes):
+    for (_, channels), (shape, _) in zip(starts, input_shapes):
         offset = np.broadcast_to(solution[column : column + channels], shape[-1:]).astype(np.float32)
         offset = np.where(np.isfinite(offset), offset, 0.0).astype(np.float32)
         result.append((scale, offset))

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-
 # Lines TensorFlow's C++ runtime (absl logging) writes to stderr by itself,
 # before and whatever kpq prints; they are not kpq's messages.
 _RUNTIME_LOG_LINE = re.compile(

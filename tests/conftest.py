@@ -89,8 +89,8 @@ def cifar_calibration(shared_data):
 @pytest.fixture(scope="session")
 def cpp_loader():
     """The TensorFlow C++ SavedModel loader (tests/cpp), built once and cached in build/test-cpp."""
-    from tests.cpp_loader import LoaderUnavailable
     from tests.cpp_loader import build_loader
+    from tests.cpp_loader import LoaderUnavailable
 
     try:
         return build_loader(_REPO_ROOT / "build" / "test-cpp")

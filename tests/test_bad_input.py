@@ -11,22 +11,21 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.cli_helpers import assert_one_line_error
-from tests.cli_helpers import build_small_model
-from tests.cli_helpers import save_small_model
-from tests.cli_helpers import INPUT_SHAPE
-from tests.cli_helpers import invoke
-from tests.cli_helpers import kpq_stderr_lines
-from tests.cli_helpers import random_images
-from tests.cli_helpers import run_kpq
-from tests.cli_helpers import sha256
-from tests.cli_helpers import snapshot
-
 import keras_powerquant as kpq  # noqa: E402
 from keras_powerquant.errors import CalibrationDataError  # noqa: E402
 from keras_powerquant.errors import InvalidModelError  # noqa: E402
 from keras_powerquant.errors import ModelLoadError  # noqa: E402
 from keras_powerquant.errors import UnsupportedModelError  # noqa: E402
+from tests.cli_helpers import assert_one_line_error
+from tests.cli_helpers import build_small_model
+from tests.cli_helpers import INPUT_SHAPE
+from tests.cli_helpers import invoke
+from tests.cli_helpers import kpq_stderr_lines
+from tests.cli_helpers import random_images
+from tests.cli_helpers import run_kpq
+from tests.cli_helpers import save_small_model
+from tests.cli_helpers import sha256
+from tests.cli_helpers import snapshot
 
 EXPECTED_SHAPE = "(None, " + ", ".join(map(str, INPUT_SHAPE)) + ")"
 SHAPE_MESSAGE = f"expected shape {EXPECTED_SHAPE}"
@@ -283,7 +282,7 @@ def test_cli_calibration_data_that_does_not_fit(model_copy, tmp_path, array, fra
 def test_library_calibration_data_that_does_not_fit(small):
     model = small[0]
     before = _weights(model)
-    with pytest.raises(CalibrationDataError, match=rf"expected shape \(None, 8, 8, 3\); got \(2, 8, 8, 4\)"):
+    with pytest.raises(CalibrationDataError, match=r"expected shape \(None, 8, 8, 3\); got \(2, 8, 8, 4\)"):
         kpq.convert(model, calibration_data=np.zeros((2, 8, 8, 4), "float32"))
     with pytest.raises(CalibrationDataError, match="expected a numeric array .* got dtype complex64"):
         kpq.convert(model, calibration_data=np.zeros((2,) + INPUT_SHAPE, "complex64"))

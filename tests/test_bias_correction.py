@@ -207,7 +207,9 @@ def test_cli_options_and_usage_errors(tmp_path):
     result = invoke("convert", paths["keras"], "-o", out, "--bias-correction", "sometimes")
     assert result.exit_code == 2 and "Invalid value for '--bias-correction'" in result.stderr
     assert not out.exists()
-    result = invoke("convert", paths["keras"], "-o", out, "--weight-clipping", "--bias-correction", "analytic", "--json")
+    result = invoke(
+        "convert", paths["keras"], "-o", out, "--weight-clipping", "--bias-correction", "analytic", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["report"]
     assert report["options"]["weight_clipping"] is True

@@ -11,23 +11,22 @@ import os
 import numpy as np
 import pytest
 
+import keras_powerquant as kpq  # noqa: E402  (after cli_helpers: this checkout's CLI)
+from keras_powerquant.cli.main import main as kpq_main  # noqa: E402
+from keras_powerquant.evaluation import load_predictor  # noqa: E402
+from keras_powerquant.evaluation import top_k_accuracy  # noqa: E402
 from tests.cli_helpers import assert_one_line_error
 from tests.cli_helpers import invoke
 from tests.cli_helpers import kpq_stderr_lines
 from tests.cli_helpers import random_images
-from tests.cli_helpers import save_small_model
 from tests.cli_helpers import run_kpq
+from tests.cli_helpers import save_small_model
 from tests.cli_helpers import sha256
 from tests.cli_helpers import SMALL_FLOAT
 from tests.cli_helpers import SMALL_FOLDS
 from tests.cli_helpers import SMALL_KEPT_BN
 from tests.cli_helpers import SMALL_QUANTIZED
 from tests.cli_helpers import snapshot
-
-import keras_powerquant as kpq  # noqa: E402  (after cli_helpers: this checkout's CLI)
-from keras_powerquant.cli.main import main as kpq_main  # noqa: E402
-from keras_powerquant.evaluation import load_predictor  # noqa: E402
-from keras_powerquant.evaluation import top_k_accuracy  # noqa: E402
 
 SCALE = 1 / 255
 
@@ -148,7 +147,8 @@ def test_convert_small_model_writes_savedmodel_and_report(small, kind, tmp_path)
     out = tmp_path / "out"
     result = _convert_ok(paths[kind], "-o", out, "--wbits", "4", "--abits", "4")
     assert os.listdir(out) == ["1"]
-    assert sorted(os.listdir(out / "1")) == ["assets", "fingerprint.pb", "kpq-report.json", "saved_model.pb", "variables"]
+    expected = ["assets", "fingerprint.pb", "kpq-report.json", "saved_model.pb", "variables"]
+    assert sorted(os.listdir(out / "1")) == expected
     metadata = _report(out)
     quantized = [layer["name"] for layer in metadata["report"]["layers"] if layer["status"] == "quantized"]
     assert quantized == SMALL_QUANTIZED

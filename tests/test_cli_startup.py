@@ -93,3 +93,22 @@ def test_verbose_shows_tensorflow_startup_lines(small_model_file):
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     shown = {line.split("]", 1)[-1] for line in _runtime_lines(verbose.stderr)}
     assert expected <= shown, (expected - shown, verbose.stderr)
+
+
+def test_converted_keras_files_load_after_import_keras_then_keras_powerquant(tmp_path):
+    import keras
+
+    import keras_powerquant as kpq
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(3)])
+    quantized, _ = kpq.convert(model, 4, 4)
+    path = tmp_path / "quantized.keras"
+    quantized.save(path)
+    loads = f"model = keras.saving.load_model({str(path)!r}); print(type(model.layers[-1]).__name__)"
+    # A script that imports Keras first needs nothing but `import keras_powerquant`.
+    result = _python(f"import keras\nimport keras_powerquant\n{loads}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "PowerQuantDense"
+    # Without keras_powerquant the layers are unknown: the import above is what registers them.
+    result = _python(f"import keras\n{loads}")
+    assert result.returncode != 0 and "PowerQuantDense" in result.stderr

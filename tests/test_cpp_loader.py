@@ -7,7 +7,6 @@ must match what the same SavedModel's signature gives in Python.
 """
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import keras_powerquant as kpq
@@ -76,7 +75,8 @@ def test_built_models_serve_in_the_cpp_loader(cpp_loader, tmp_path):
                            fast_activations=True)
     assert report.options["per_channel"] is False
     assert "Sqrt" in _ops(path)
-    exports.append(("mobilenet W8/A8 per-tensor, fast", path, {"image": models.reference_inputs(mobilenet, n=8, seed=5)}))
+    inputs = {"image": models.reference_inputs(mobilenet, n=8, seed=5)}
+    exports.append(("mobilenet W8/A8 per-tensor, fast", path, inputs))
 
     # Each form of the activation quantizer's graph, chained.
     path, _ = _export(models.activation_forms_model(), tmp_path / "forms")

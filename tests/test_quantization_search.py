@@ -16,12 +16,12 @@ from scipy import special
 from keras_powerquant.quantization import search
 from keras_powerquant.quantization.activations import ActivationQuantizer
 from keras_powerquant.quantization.search import ActivationErrorModel
-from keras_powerquant.quantization.search import SortedMagnitudes
-from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.search import fit_activation
 from keras_powerquant.quantization.search import fit_activation_models
 from keras_powerquant.quantization.search import fit_shared_weight_exponent
 from keras_powerquant.quantization.search import fit_weight_exponent
+from keras_powerquant.quantization.search import SortedMagnitudes
+from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.weights import WeightQuantizer
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -202,6 +202,27 @@ def test_zero_weights_and_zero_channels_fit_without_nan(per_channel):
     constant = np.full((10, 3), 0.3, np.float32)
     fit = fit_weight_exponent(constant, 4, channel_ndim)
     assert fit.error == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 6, 8])
+def test_weight_error_model_at_other_bits_equals_a_fresh_model(synthetic, bits):
+    weights = synthetic["laplace"].reshape(-1, 8)
+    shared = WeightErrorModel(weights, 4, channel_ndim=1).at_bits(bits)
+    fresh = WeightErrorModel(weights, bits, channel_ndim=1)
+    for exponent, clip in [(1.0, 1.0), (0.6, 1.0), (0.45, 0.7)]:
+        assert shared.error(exponent, clip) == fresh.error(exponent, clip)
+    assert WeightErrorModel(weights, 4).max_code == 7  # the original is left unchanged
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0])
+def test_weight_error_model_subsamples_only_off_the_quadratic_norm(p):
+    weights = np.random.default_rng(2).laplace(size=(4096, 4)).astype(np.float32)
+    full = WeightErrorModel(weights, 4, p=p)
+    sampled = WeightErrorModel(weights, 4, p=p, max_samples=1024)
+    assert sampled.magnitudes.size == 1024 and full.magnitudes.size == weights.size
+    # Every 16th of i.i.d. weights carries about a 16th of the error.
+    assert sampled.error(0.7) * 16 == pytest.approx(full.error(0.7), rel=0.1)
+    assert WeightErrorModel(weights, 4, p=2.0, max_samples=1024).magnitudes.size == weights.size
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -15,11 +15,11 @@ from scipy import special
 from scipy import stats
 
 from keras_powerquant.quantization.folding import fold_batch_norm
-from keras_powerquant.quantization.statistics import DEFAULT_TOTAL_SAMPLES
-from keras_powerquant.quantization.statistics import ChannelGaussians
 from keras_powerquant.quantization.statistics import add_gaussians
 from keras_powerquant.quantization.statistics import batchnorm_gaussians
+from keras_powerquant.quantization.statistics import ChannelGaussians
 from keras_powerquant.quantization.statistics import concatenate_gaussians
+from keras_powerquant.quantization.statistics import DEFAULT_TOTAL_SAMPLES
 from keras_powerquant.quantization.statistics import linear_gaussians
 
 MC_SAMPLES = 20_000

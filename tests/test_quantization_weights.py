@@ -11,8 +11,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_powerquant.quantization.weights import WeightQuantizer
 from keras_powerquant.quantization.weights import channel_scales
+from keras_powerquant.quantization.weights import WeightQuantizer
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

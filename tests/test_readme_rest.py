@@ -111,7 +111,8 @@ def test_readme_rest_example_runs_against_a_real_export(resnet8_model, cifar_tes
     finally:
         server.shutdown()
     printed = ast.literal_eval(capsys.readouterr().out.strip())
-    (expected,) = signature(**{key: tf.constant(cifar_test[0][:2]) for key in signature.structured_input_signature[1]}).values()
+    feed = {key: tf.constant(cifar_test[0][:2]) for key in signature.structured_input_signature[1]}
+    (expected,) = signature(**feed).values()
     np.testing.assert_allclose(np.array(printed), expected.numpy(), atol=1e-6)
 
 

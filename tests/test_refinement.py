@@ -157,7 +157,10 @@ def small_files(tmp_path_factory):
     [
         (["--refine"], "--calibration-data"),
         (["--refine", "lapq,sharpen", "--calibration-data", "calib.npy"], "Unknown refinement step(s) ['sharpen']"),
-        (["--refine", "--calibration-data", "calib.npy", "--calibration-labels", "short_labels.npy"], "5 labels for 24"),
+        (
+            ["--refine", "--calibration-data", "calib.npy", "--calibration-labels", "short_labels.npy"],
+            "5 labels for 24",
+        ),
         (["--calibration-data", "calib.npy", "--target-size", "10"], "below the smallest size"),
         (["--calibration-data", "calib.npy", "--target-size", "small"], "--target-size"),
     ],

@@ -6,6 +6,8 @@ numbers of tensorflow_serving/apis/{prediction_log,predict,model}.proto
 installed), around TensorFlow's own TensorProto.
 """
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -138,6 +140,7 @@ def test_requests_are_zeros_without_data(tmp_path):
 def test_no_warmup_writes_no_assets_extra(tmp_path):
     result = export_model(models.activation_forms_model(), tmp_path, 1)
     assert not (tmp_path / "1" / "assets.extra").exists()
+    assert json.loads((tmp_path / "1" / "kpq-report.json").read_text())["serving"]["warmup_requests"] == 0
     assert result.saved_model_dir
 
 
@@ -180,6 +183,10 @@ def test_cli_writes_warmup_requests_from_the_calibration_data(tmp_path):
     values = [_request_inputs(log)["image"] for log, _ in requests]
     np.testing.assert_array_equal(np.concatenate(values), calibration[[0, 1, 2, 0]])
     assert f"Warm-up requests: 4 in {tmp_path / 'out' / '1' / WARMUP_FILE}" in result.stdout
+    inspected = invoke("inspect", tmp_path / "out")
+    assert inspected.exit_code == 0 and "Warm-up requests: 4\n" in inspected.stdout
+    metadata = json.loads((tmp_path / "out" / "1" / "kpq-report.json").read_text())
+    assert metadata["serving"]["warmup_requests"] == 4
 
 
 @pytest.mark.parametrize("args", [["--warmup", "1001"], ["--warmup", "-1"], ["--warmup", "2", "--format", "keras"]])

@@ -6,6 +6,7 @@ import time
 import keras
 import numpy as np
 
+from keras_powerquant import refinement
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
 from keras_powerquant.converter.bias_correction import check_bias_correction
@@ -30,7 +31,6 @@ from keras_powerquant.quantization.search import fit_shared_weight_exponent
 from keras_powerquant.quantization.search import fit_weight_model
 from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.quantization.validation import check_bits
-from keras_powerquant import refinement
 from keras_powerquant.report import ActivationReport
 from keras_powerquant.report import ConversionReport
 from keras_powerquant.report import LayerReport

@@ -5,7 +5,6 @@ import tensorflow as tf
 
 from keras_powerquant.quantization.activations import ActivationQuantizer
 
-
 # Exponents 1/2, 1/4, 1/8 are computed with square roots and squares, which
 # Grappler fuses with the ReLU into one pass: as cheap as uniform quantization.
 _MAX_ROOTS = 3

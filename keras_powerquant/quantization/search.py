@@ -13,6 +13,7 @@ O(codes * log n) instead of O(n), so fitting a 25M-parameter model costs
 about one sort per layer. Other p fall back to an O(n) evaluation.
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -144,19 +145,31 @@ class WeightErrorModel:
         channel_ndim: trailing output-channel axes (see `channel_scales`);
             0 for one scale per tensor.
         p: the error norm exponent.
+        max_samples: at `p != 2`, where each error costs O(n), measure it
+            on an evenly spaced subsample of at most about this many
+            weights (deterministic); None for all of them.
     """
 
-    def __init__(self, weights, bits, channel_ndim=1, p=2.0):
+    def __init__(self, weights, bits, channel_ndim=1, p=2.0, max_samples=None):
         self.max_code = 2 ** (check_bits(bits) - 1) - 1
         weights = np.asarray(weights, dtype=np.float32)
         if not np.all(np.isfinite(weights)):
             raise ValueError("Cannot fit an exponent to weights that contain NaN or Inf.")
         scales = channel_scales(weights, channel_ndim)
         safe = np.where(scales > 0, scales, np.float32(1.0))
-        normalized = np.abs(weights) / safe
+        normalized = (np.abs(weights) / safe).ravel()
         # |W - W_hat|^p = s^p |x - x_hat|^p for normalized magnitudes x.
-        unit_weights = np.broadcast_to(scales.astype(np.float64) ** p, weights.shape)
+        unit_weights = np.broadcast_to(scales.astype(np.float64) ** p, weights.shape).ravel()
+        if p != 2.0 and max_samples is not None and normalized.size > max_samples:
+            step = normalized.size // max_samples
+            normalized, unit_weights = normalized[::step], unit_weights[::step]
         self.magnitudes = SortedMagnitudes(normalized, unit_weights, p=p)
+
+    def at_bits(self, bits):
+        """The same weights' error model at another bit width (sharing the sorted magnitudes)."""
+        model = copy.copy(self)
+        model.max_code = 2 ** (check_bits(bits) - 1) - 1
+        return model
 
     def error(self, exponent, clip=1.0):
         """`sum |W - W_hat|^p` at exponent `a` and clip fraction `alpha`."""

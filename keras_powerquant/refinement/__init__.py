@@ -89,7 +89,9 @@ def check_refine_options(refine, calibration_data, calibration_labels, target_si
     if target_size is not None and not (
         isinstance(target_size, numbers.Real) and not isinstance(target_size, bool) and target_size > 0
     ):
-        raise ValueError(f"`target_size` must be a positive number of bytes or a fraction of the float size; got {target_size!r}.")
+        raise ValueError(
+            f"`target_size` must be a positive number of bytes or a fraction of the float size; got {target_size!r}."
+        )
     if isinstance(target_size, float) and not (target_size <= 1 or target_size.is_integer()):
         raise ValueError(f"`target_size` as a fraction of the float size must be in (0, 1]; got {target_size}.")
     if not (isinstance(refine_samples, numbers.Integral) and refine_samples > 0):
@@ -187,7 +189,8 @@ def refine_plan(
         return models_by_norm[p]
 
     context = RefinementContext(
-        objective, plan, fitters, activation_models, method, exponent_bounds, fast_activations, max_evaluations, progress
+        objective, plan, fitters, activation_models, method, exponent_bounds, fast_activations, max_evaluations,
+        progress,
     )
     settings = Settings.from_plan(plan, per_channel)
     reports = []
@@ -196,7 +199,7 @@ def refine_plan(
         (name, (lambda c, s: rounding_step(c, s, rounding_iterations)) if name == "rounding" else STEPS[name])
         for name in steps
     ]
-    for name, step in run:
+    for _, step in run:
         started, evaluations = time.perf_counter(), objective.evaluations
         settings, report = step(context, settings)
         report.seconds = time.perf_counter() - started

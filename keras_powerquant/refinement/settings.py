@@ -5,13 +5,9 @@ import dataclasses
 import numpy as np
 
 from keras_powerquant.converter.registry import linear_type
-from keras_powerquant.quantization.grid import magnitude_levels
-from keras_powerquant.quantization.grid import magnitude_thresholds
 from keras_powerquant.quantization.search import ExponentFit
-from keras_powerquant.quantization.search import minimize_bounded
 from keras_powerquant.quantization.search import minimize_exponent
-from keras_powerquant.quantization.search import SortedMagnitudes
-from keras_powerquant.quantization.weights import channel_scales
+from keras_powerquant.quantization.search import WeightErrorModel
 
 # Weight clip fractions searched by the per-layer fits (docs/method.md §7).
 MIN_CLIP_FRACTION = 0.2
@@ -88,9 +84,9 @@ class Settings:
 class KernelFitter:
     """Per-layer weight fits for any bit width, granularity, exponent and clip fraction.
 
-    Keeps the sorted normalized magnitudes of each granularity, so a fit is
-    a few scalar searches, and `error` is the weight error
-    `sum |W - W_hat|^p` of a `KernelSetting`.
+    Keeps one `WeightErrorModel` per granularity and norm (the weights'
+    sorted magnitudes), so a fit is a few scalar searches, and `error` is
+    the weight error `sum |W - W_hat|^p` of a `KernelSetting`.
 
     Args:
         layer_plan: the layer's `LayerPlan`.
@@ -99,53 +95,38 @@ class KernelFitter:
     def __init__(self, layer_plan):
         self.kernel = np.asarray(layer_plan.kernel, dtype=np.float32)
         self.channel_ndim = linear_type(layer_plan.layer).channel_ndim
-        self._magnitudes = {}
+        self._models = {}
 
-    def _sorted(self, per_channel, p):
-        key = (bool(per_channel), float(p))
-        if key not in self._magnitudes:
-            scales = channel_scales(self.kernel, self.channel_ndim if per_channel else 0)
-            safe = np.where(scales > 0, scales, np.float32(1.0))
-            normalized = np.abs(self.kernel) / safe
-            weights = np.broadcast_to(scales.astype(np.float64) ** p, self.kernel.shape)
-            normalized, weights = normalized.ravel(), weights.ravel()
-            if p != 2.0 and normalized.size > _MAX_FIT_WEIGHTS:
-                # A fixed, evenly spaced subsample: deterministic, bounded cost.
-                step = normalized.size // _MAX_FIT_WEIGHTS
-                normalized, weights = normalized[::step], weights[::step]
-            self._magnitudes[key] = SortedMagnitudes(normalized, weights, p=p)
-        return self._magnitudes[key]
+    def _model(self, setting, p):
+        key = (bool(setting.per_channel), float(p))
+        if key not in self._models:
+            channel_ndim = self.channel_ndim if setting.per_channel else 0
+            self._models[key] = WeightErrorModel(
+                self.kernel, setting.bits, channel_ndim, p, max_samples=_MAX_FIT_WEIGHTS
+            )
+        return self._models[key].at_bits(setting.bits)
 
     def error(self, setting, p=2.0):
         """`sum |W - W_hat|^p` (on a subsample for large layers at p != 2)."""
-        max_code = 2 ** (setting.bits - 1) - 1
-        # The one place weight clipping enters the error: thresholds and
-        # levels of the normalized magnitudes shrink by the clip fraction.
-        return self._sorted(setting.per_channel, p).error(
-            magnitude_thresholds(max_code, setting.exponent, setting.clip_fraction),
-            magnitude_levels(max_code, setting.exponent, setting.clip_fraction),
-        )
+        return self._model(setting, p).error(setting.exponent, setting.clip_fraction)
 
     def fit(self, setting, p=2.0, exponent_bounds=None, clip=True):
         """The setting with its exponent (if `exponent_bounds`) and clip fraction refitted at norm `p`.
 
         Exponent and clip fraction are fitted alternately (two rounds), each
-        by a bounded scalar search.
+        by a bounded scalar search; a clip fraction only replaces 1 when it
+        lowers the error.
         """
+        model = self._model(setting, p)
+        exponent, fraction = setting.exponent, setting.clip_fraction
         for _ in range(2 if exponent_bounds is not None and clip else 1):
             if exponent_bounds is not None:
                 exponent, _ = minimize_exponent(
-                    lambda a: self.error(dataclasses.replace(setting, exponent=a), p), exponent_bounds
+                    lambda a, fraction=fraction: model.error(a, fraction), exponent_bounds
                 )
-                setting = dataclasses.replace(setting, exponent=exponent)
             if clip:
-                fraction, error = minimize_bounded(
-                    lambda f: self.error(dataclasses.replace(setting, clip_fraction=f), p), MIN_CLIP_FRACTION, 1.0
-                )
-                if self.error(dataclasses.replace(setting, clip_fraction=1.0), p) <= error:
-                    fraction = 1.0
-                setting = dataclasses.replace(setting, clip_fraction=fraction)
-        return setting
+                fraction, _ = model.best_clip(exponent, low=MIN_CLIP_FRACTION)
+        return dataclasses.replace(setting, exponent=exponent, clip_fraction=fraction)
 
 
 def apply_settings(plan, settings, fitters, activation_models):

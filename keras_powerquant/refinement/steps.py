@@ -131,13 +131,13 @@ def grid_step(context, settings):
     items = [("weights", name) for name in settings.kernels] + [("activation", key) for key in settings.activations]
     for done, (kind, item) in enumerate(items, start=1):
         if kind == "weights":
-            power_setting, uniform_setting = settings.kernels[item], uniform.kernels[item]
+            power_setting = settings.kernels[item]
             if power_setting.exponent == 1.0:
                 continue
             candidate = current.replace(kernels={item: power_setting})
             name = item
         else:
-            power_setting, uniform_setting = settings.activations[item], uniform.activations[item]
+            power_setting = settings.activations[item]
             if power_setting.exponent == 1.0:
                 continue
             candidate = current.replace(activations={item: power_setting})
@@ -426,6 +426,26 @@ ROUNDING_ITERATIONS = 200
 _ROUNDING_BATCH = 32
 
 
+def _rounding_train_step(layer, optimizer):
+    """One compiled Adam step on `layer.rounding`: reconstruction error plus AdaRound's regulariser."""
+    import tensorflow as tf
+
+    from keras_powerquant.refinement.tunable import rectified_sigmoid
+
+    @tf.function
+    def train_step(x, y, beta, weight):
+        with tf.GradientTape() as tape:
+            error = tf.reduce_mean(tf.square(layer(x) - y))
+            h = rectified_sigmoid(layer.rounding)
+            regulariser = tf.reduce_mean(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), beta))
+            loss = error + weight * regulariser
+        gradients = tape.gradient(loss, [layer.rounding.value])
+        optimizer.apply_gradients(zip(gradients, [layer.rounding]))
+        return error
+
+    return train_step
+
+
 def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
     """Learned rounding (AdaRound), layer by layer.
 
@@ -441,11 +461,11 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
     gradient (NUPES) moved `floor(m (|W|/s)^a)` under the rounding variables
     and raised the loss in our trials.
     """
-    from keras_powerquant.refinement.tunable import rectified_sigmoid
-    from keras_powerquant.refinement.tunable import rounding_logits
-    from keras_powerquant.refinement.tunable import SOFT
     import keras
     import tensorflow as tf
+
+    from keras_powerquant.refinement.tunable import rounding_logits
+    from keras_powerquant.refinement.tunable import SOFT
 
     objective = context.objective
     start_loss = objective(settings)
@@ -465,23 +485,10 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
         layer.rounding_mode.assign(SOFT)
         objective.forget(layer.rounding)
         objective.forget(layer.rounding_mode)
-        variables = [layer.rounding]
-        optimizer = keras.optimizers.Adam(learning_rate=1e-2)
+        train_step = _rounding_train_step(layer, keras.optimizers.Adam(learning_rate=1e-2))
         x_q = tf.concat(quantized_inputs, 0)
         target = tf.concat(targets, 0)
         size = int(x_q.shape[0])
-
-        @tf.function
-        def train_step(x, y, beta, weight):
-            with tf.GradientTape() as tape:
-                error = tf.reduce_mean(tf.square(layer(x) - y))
-                h = rectified_sigmoid(layer.rounding)
-                regulariser = tf.reduce_mean(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), beta))
-                loss = error + weight * regulariser
-            gradients = tape.gradient(loss, [v.value for v in variables])
-            optimizer.apply_gradients(zip(gradients, variables))
-            return error
-
         rng = np.random.default_rng(done)
         warmup = int(iterations * _ROUNDING_WARMUP)
         first_error = last_error = None
@@ -490,7 +497,8 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
             progress = max(step - warmup, 0) / max(iterations - warmup, 1)
             beta = _BETA_RANGE[0] + (_BETA_RANGE[1] - _BETA_RANGE[0]) * progress
             weight = 0.0 if step < warmup else _ROUNDING_WEIGHT
-            error = float(train_step(tf.gather(x_q, index), tf.gather(target, index), tf.constant(beta), tf.constant(weight)))
+            error = train_step(tf.gather(x_q, index), tf.gather(target, index), tf.constant(beta), tf.constant(weight))
+            error = float(error)
             first_error = error if first_error is None else first_error
             last_error = error
         rounding_up = layer.rounding.numpy() >= 0

@@ -36,7 +36,6 @@ from keras_powerquant.converter.registry import quantized_classes
 from keras_powerquant.layers import PowerQuantActivation
 from keras_powerquant.quantization.weights import channel_scales
 
-
 # Magnitudes below this are zero for the logarithm of the power-domain form.
 _TINY = 1e-30
 
