@@ -25,7 +25,9 @@ from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import PowerQuantError
 from keras_powerquant.limits import DECODE_WEIGHTS
+from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
+from keras_powerquant.limits import DEFAULT_REFINE_SAMPLES
 from keras_powerquant.limits import DEFAULT_STEPS
 from keras_powerquant.limits import MAX_BITS
 from keras_powerquant.limits import MAX_WARMUP_REQUESTS
@@ -138,38 +140,35 @@ def _load_calibration(path, key):
     return data[key]
 
 
-def _refinement_options(refine, calibration, labels_path, target_size, mean_bits, samples, evaluations):
-    """`convert`'s refinement keyword arguments from the CLI options; usage errors for bad ones."""
-    from keras_powerquant import refinement
+def _conversion_config(options, calibrated, labelled):
+    """The `ConversionConfig` of `kpq convert`'s flags, checked against the data given; usage errors for bad ones."""
+    from keras_powerquant.config import ConversionConfig
 
-    steps = None
-    if refine is not None:
-        steps = True if refine == "recommended" else [name.strip() for name in refine.split(",") if name.strip()]
-    labels = _load_calibration(labels_path, "y") if labels_path else None
-    if target_size is not None:
-        try:
-            target_size = float(target_size) if any(c in target_size for c in ".eE") else int(target_size)
-        except ValueError:
-            raise click.BadParameter(
-                f"expected a number of bytes or a fraction of the float size; got {target_size!r}.",
-                param_hint="--target-size",
-            ) from None
-    options = {
-        "refine": steps or False,
-        "calibration_labels": labels,
-        "target_size": target_size,
-        "mean_bits": mean_bits,
-        "refine_samples": samples,
-        "refine_evaluations": evaluations,
-    }
     try:
-        refinement.check_refine_options(
-            options["refine"], calibration, labels, target_size, mean_bits, samples
-        )
+        config = ConversionConfig(**options)
+        config.check_data(calibrated, labelled)
     except ValueError as exc:
-        message = str(exc).replace("`calibration_data`", "--calibration-data")
-        raise click.UsageError(message) from None
-    return options
+        raise click.UsageError(str(exc).replace("`calibration_data`", "--calibration-data")) from None
+    return config
+
+
+def _refine_steps(refine):
+    """`--refine`'s value as `ConversionConfig(refine=...)` takes it."""
+    if refine is None:
+        return False
+    return True if refine == "recommended" else [name.strip() for name in refine.split(",") if name.strip()]
+
+
+def _target_size(text):
+    """`--target-size`: an integer number of bytes, or a fraction of the float size."""
+    if text is None:
+        return None
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a number of bytes or a fraction of the float size; got {text!r}.", param_hint="--target-size"
+        ) from None
 
 
 def _synthetic_data(num_samples, **options):
@@ -262,9 +261,9 @@ def _format_bytes(count):
               help="Mixed precision: weight bytes of the converted model (an integer), or a fraction "
               "of the float model's (e.g. 0.15). Needs --calibration-data.")
 @click.option("--mean-bits", type=click.FloatRange(2, 8), help="Mixed precision: mean kernel bits per weight.")
-@click.option("--refine-samples", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--refine-samples", type=click.IntRange(min=1), default=DEFAULT_REFINE_SAMPLES, show_default=True,
               help="Calibration samples refinement evaluates the network on.")
-@click.option("--refine-evaluations", type=click.IntRange(min=0), default=400, show_default=True,
+@click.option("--refine-evaluations", type=click.IntRange(min=0), default=DEFAULT_MAX_EVALUATIONS, show_default=True,
               help="Network evaluations LAPQ's Powell search may spend.")
 @click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
               help="Version to write, or 'next' for the one after the highest in OUT.")
@@ -321,9 +320,24 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         raise click.UsageError("--synthetic-samples and --input-range need --calibration-data synthetic.")
     if calibration_data and not synthetic and not os.path.isfile(calibration_data):
         raise click.BadParameter(f"'{calibration_data}' is not a file.", param_hint="--calibration-data")
-    refinement_options = _refinement_options(
-        refine, calibration_data, calibration_labels, target_size, mean_bits, refine_samples, refine_evaluations
-    )
+    options = {
+        "wbits": wbits,
+        "abits": abits,
+        "method": method,
+        "scope": scope,
+        "quantize_first_last": quantize_first_last,
+        "fast_activations": fast_activations,
+        "bias_correction": {"auto": True, "off": False}.get(bias_correction, bias_correction),
+        "refine": _refine_steps(refine),
+        "target_size": _target_size(target_size),
+        "mean_bits": mean_bits,
+        "refine_samples": refine_samples,
+        "refine_evaluations": refine_evaluations,
+    }
+    if weight_clipping is not None:
+        options["weight_clipping"] = weight_clipping
+    config = _conversion_config(options, bool(calibration_data), calibration_labels is not None)
+    labels = _load_calibration(calibration_labels, "y") if calibration_labels else None
     progress.message(f"Loading {model}")
     original = kpq.load_model(model)
     check_exportable(original, output_format)
@@ -334,24 +348,9 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
         mode = "calibrated" if calibration is not None else "data-free"
     progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
-    corrections = {"auto": True, "off": False}
-    defaults = {
-        "weight_clipping": weight_clipping,
-        "bias_correction": corrections.get(bias_correction, bias_correction),
-    }
     try:
         quantized, report = kpq.convert(
-            original,
-            wbits,
-            abits,
-            method,
-            calibration_data=calibration,
-            scope=scope,
-            quantize_first_last=quantize_first_last,
-            fast_activations=fast_activations,
-            progress=progress,
-            **refinement_options,
-            **{k: v for k, v in defaults.items() if v is not None},
+            original, config=config, calibration_data=calibration, calibration_labels=labels, progress=progress
         )
     except ValueError as exc:
         if isinstance(exc, PowerQuantError):

@@ -24,6 +24,9 @@ from keras_powerquant.report import ConversionReport  # noqa: F401
 
 __version__ = "0.1.0"
 
+# Public names that need neither Keras nor TensorFlow, but numpy and scipy:
+# imported on first use too, so the `kpq` command starts fast.
+_PLAIN_API = {"ConversionConfig": "keras_powerquant.config"}
 # Public names that need Keras, and the module that defines each.
 _KERAS_API = {
     "PowerQuantExport": "keras_powerquant.callbacks",
@@ -40,23 +43,26 @@ _KERAS_API = {
     "SyntheticData": "keras_powerquant.synthesis",
 }
 # Subpackages reachable as attributes (`keras_powerquant.layers`), imported on first use.
-_SUBMODULES = ("callbacks", "converter", "evaluation", "export", "layers", "loading", "quantization", "synthesis")
+_SUBMODULES = (
+    "callbacks", "config", "converter", "evaluation", "export", "layers", "loading", "quantization", "synthesis"
+)
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"keras_powerquant.{name}")
-    module = _KERAS_API.get(name)
+    module = _PLAIN_API.get(name) or _KERAS_API.get(name)
     if module is None:
         raise AttributeError(f"module 'keras_powerquant' has no attribute '{name}'")
-    importlib.import_module("keras_powerquant.layers")  # registers the layers with Keras
+    if name in _KERAS_API:
+        importlib.import_module("keras_powerquant.layers")  # registers the layers with Keras
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_KERAS_API) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_PLAIN_API) | set(_KERAS_API) | set(_SUBMODULES))
 
 
 if "keras" in sys.modules:

@@ -6,8 +6,9 @@ import warnings
 import keras
 import numpy as np
 
+from keras_powerquant.config import resolve_config
 from keras_powerquant.converter import convert
-from keras_powerquant.converter.convert import check_options
+from keras_powerquant.converter.convert import check_inputs
 from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
@@ -23,9 +24,16 @@ class PowerQuantExport(keras.callbacks.Callback):
     `export_dir/<next version>/` with its report, like `kpq convert`. The
     model being trained is left as it was.
 
+    Every option is checked when the callback is constructed, before
+    training starts: a typo found when training ends would cost the run.
+
     Args:
         export_dir: the TF Serving export folder; each run adds a version.
-        wbits, abits, method: as in `convert`.
+        *args, **options: the conversion options, as the arguments of
+            `ConversionConfig` (`wbits`, `abits`, `method`, then keyword
+            options: `scope`, `bias_correction`, `refine`, ...).
+        config: a `ConversionConfig`, instead of `*args` and `**options`.
+        calibration_data, calibration_labels: as in `convert`.
         monitor: optional metric name (e.g. "val_accuracy"); the weights of
             the epoch where it was best are converted. Epochs that do not
             log it (with `validation_freq > 1`) are skipped with a warning;
@@ -42,10 +50,9 @@ class PowerQuantExport(keras.callbacks.Callback):
             not a generator), or zeros without it or with synthetic data.
         decode_weights: "load" or "call" (see `export_model`).
         verbose: print where the export went.
-        **convert_options: other keyword arguments of `convert`
-            (calibration_data, scope, quantize_first_last, ...).
 
     Attributes:
+        config: the `ConversionConfig`.
         result: the `ExportResult` of the last export, or None.
         report: the `ConversionReport` of the last export, or None.
         best_epoch: the epoch whose weights were exported (with `monitor`).
@@ -54,29 +61,25 @@ class PowerQuantExport(keras.callbacks.Callback):
     def __init__(
         self,
         export_dir,
-        wbits=4,
-        abits=4,
-        method="powerquant",
+        *args,
+        config=None,
+        calibration_data=None,
+        calibration_labels=None,
         monitor=None,
         mode="auto",
         formats="savedmodel",
         decode_weights="load",
         warmup=0,
         verbose=1,
-        **convert_options,
+        **options,
     ):
         super().__init__()
-        # Checked now: a typo found when training ends would cost the whole run.
-        checked = (
-            "scope", "p", "exponent_bounds", "first_last_bits", "calibration_batch_size", "calibration_steps",
-            "weight_clipping", "bias_correction",
-        )
-        check_options(wbits, abits, method, **{k: v for k, v in convert_options.items() if k in checked})
+        self.config = resolve_config(config, args, options)
+        check_inputs(self.config, calibration_data, calibration_labels)
         if formats not in FORMATS:
             raise ValueError(f"`formats` must be one of {FORMATS}; got {formats!r}.")
         check_warmup_count(warmup)
-        calibration = convert_options.get("calibration_data")
-        if warmup and isinstance(calibration, collections.abc.Iterator):
+        if warmup and isinstance(calibration_data, collections.abc.Iterator):
             raise ValueError(
                 "Warm-up requests are taken from the calibration data after the conversion has read it: "
                 "give it as an array or a tf.data.Dataset, not an iterator or generator."
@@ -86,14 +89,14 @@ class PowerQuantExport(keras.callbacks.Callback):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"`mode` must be 'auto', 'min' or 'max'; got {mode!r}.")
         self.export_dir = export_dir
-        self.wbits, self.abits, self.method = wbits, abits, method
+        self.calibration_data = calibration_data
+        self.calibration_labels = calibration_labels
         self.monitor = monitor
         self.mode = mode
         self.formats = formats
         self.warmup = warmup
         self.decode_weights = decode_weights
         self.verbose = verbose
-        self.convert_options = convert_options
         self.result = self.report = self.best_epoch = None
         self._best_value = self._best_weights = None
 
@@ -137,7 +140,10 @@ class PowerQuantExport(keras.callbacks.Callback):
             self.model.set_weights(self._best_weights)
         try:
             quantized, self.report = convert(
-                self.model, self.wbits, self.abits, self.method, **self.convert_options
+                self.model,
+                config=self.config,
+                calibration_data=self.calibration_data,
+                calibration_labels=self.calibration_labels,
             )
             self.result = export_model(
                 quantized,
@@ -148,7 +154,7 @@ class PowerQuantExport(keras.callbacks.Callback):
                 report=self.report,
                 float_model=self.model,
                 warmup=self.warmup,
-                warmup_data=_real_inputs(self.convert_options.get("calibration_data")),
+                warmup_data=_real_inputs(self.calibration_data),
             )
         finally:
             if current is not None:

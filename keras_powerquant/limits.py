@@ -19,3 +19,12 @@ DEFAULT_STEPS = 50
 # When an exported SavedModel decodes its weight codes: once when loaded (a
 # float kernel in memory, a float model's call cost) or on every call.
 DECODE_WEIGHTS = ("load", "call")
+
+# Defaults of `ConversionConfig` (keras_powerquant.config) that the modules
+# doing the work share: calibration batch size for in-memory arrays, the
+# calibration samples refinement evaluates on, LAPQ's evaluation budget, and
+# learned rounding's gradient steps per layer.
+DEFAULT_CALIBRATION_BATCH_SIZE = 32
+DEFAULT_REFINE_SAMPLES = 256
+DEFAULT_MAX_EVALUATIONS = 400
+ROUNDING_ITERATIONS = 200

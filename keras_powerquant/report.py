@@ -104,7 +104,10 @@ class ConversionReport:
 
     Attributes:
         model_name: the original model's name.
-        options: the conversion options.
+        options: the conversion options: `ConversionConfig.get_config()`
+            with the values conversion resolved (`bias_correction`: the
+            method used, or False), `calibrated`, `labelled` and, with
+            synthetic calibration data, `synthetic` (its options).
         layers: `LayerReport`s in graph order.
         activations: `ActivationReport`s in graph order.
         folded_batch_norms: `{"batch_norm": name, "into": layer}` entries.

@@ -34,9 +34,6 @@ from keras_powerquant.quantization.bias_correction import tap_coverage
 # Batch size of the correction passes: larger batches than calibration's
 # default run the many passes faster; memory stays that of a few batches.
 _PASS_BATCH_SIZE = 128
-# `convert(bias_correction=...)`: True picks empirical with calibration data,
-# analytic without.
-BIAS_CORRECTION_MODES = (True, False, "analytic", "empirical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,27 +55,6 @@ class BiasCorrection:
     def norm(self):
         """Euclidean norm of the shift, None when not corrected."""
         return None if self.shift is None else float(np.linalg.norm(self.shift))
-
-
-def check_bias_correction(value):
-    """Raises ValueError unless `value` is one of `BIAS_CORRECTION_MODES`."""
-    if not (isinstance(value, bool) or (isinstance(value, str) and value in BIAS_CORRECTION_MODES)):
-        raise ValueError(
-            "`bias_correction` must be True, False, 'analytic' or 'empirical'; "
-            f"got {value!r}."
-        )
-
-
-def resolve_bias_correction(value, calibrated):
-    """The correction to run: None, "analytic" or "empirical"."""
-    check_bias_correction(value)
-    if value is False:
-        return None
-    if value is True:
-        return "empirical" if calibrated else "analytic"
-    if value == "empirical" and not calibrated:
-        raise ValueError("`bias_correction='empirical'` needs calibration data; none was given.")
-    return value
 
 
 def _coverage(op):

@@ -7,8 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_powerquant.errors import CalibrationDataError
+from keras_powerquant.limits import DEFAULT_CALIBRATION_BATCH_SIZE
 
-DEFAULT_BATCH_SIZE = 32
 # Values kept per recorded tensor: enough to fit an 8-bit quantizer, and
 # memory stays bounded however large the calibration set.
 DEFAULT_SAMPLES_PER_TENSOR = 1 << 17
@@ -155,7 +155,7 @@ def _flat_inputs(item, input_tensors):
     )
 
 
-def calibration_batches(data, input_tensors, batch_size=DEFAULT_BATCH_SIZE, max_batches=None):
+def calibration_batches(data, input_tensors, batch_size=DEFAULT_CALIBRATION_BATCH_SIZE, max_batches=None):
     """Yields validated batches, each a flat list of arrays in model input order.
 
     Args:

@@ -7,14 +7,13 @@ import keras
 import numpy as np
 
 from keras_powerquant import refinement
+from keras_powerquant.config import ConversionConfig
+from keras_powerquant.config import resolve_config
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
-from keras_powerquant.converter.bias_correction import check_bias_correction
 from keras_powerquant.converter.bias_correction import empirical_corrections
-from keras_powerquant.converter.bias_correction import resolve_bias_correction
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
-from keras_powerquant.converter.calibration import DEFAULT_BATCH_SIZE
 from keras_powerquant.converter.calibration import record_samples
 from keras_powerquant.converter.folding import plan_folds
 from keras_powerquant.converter.graph import FlatGraph
@@ -24,20 +23,16 @@ from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.errors import InvalidModelError
 from keras_powerquant.loading import resolve_model
 from keras_powerquant.quantization.search import ActivationErrorModel
-from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
 from keras_powerquant.quantization.search import FAST_ACTIVATION_EXPONENTS
 from keras_powerquant.quantization.search import fit_activation_models
 from keras_powerquant.quantization.search import fit_shared_weight_exponent
 from keras_powerquant.quantization.search import fit_weight_model
 from keras_powerquant.quantization.search import WeightErrorModel
-from keras_powerquant.quantization.validation import check_bits
 from keras_powerquant.report import ActivationReport
 from keras_powerquant.report import ConversionReport
 from keras_powerquant.report import LayerReport
 from keras_powerquant.synthesis import SyntheticData
 
-METHODS = ("powerquant", "uniform")
-SCOPES = ("layer", "network")
 # Calibration samples kept in memory for the empirical bias correction's
 # layer-by-layer passes.
 BIAS_CORRECTION_SAMPLES = 256
@@ -66,48 +61,13 @@ def _check_weights(model):
                 )
 
 
-def _check_count(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-
-
-def check_options(
-    wbits,
-    abits,
-    method="powerquant",
-    scope="layer",
-    p=2.0,
-    exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
-    first_last_bits=8,
-    calibration_batch_size=DEFAULT_BATCH_SIZE,
-    calibration_steps=None,
-    weight_clipping=False,
-    bias_correction=False,
-):
-    """Raises ValueError for `convert` options it would reject, before any work."""
-    check_bits(wbits, "wbits")
-    if abits is not None:
-        check_bits(abits, "abits")
-    check_bits(first_last_bits, "first_last_bits")
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
-    if scope not in SCOPES:
-        raise ValueError(f"`scope` must be one of {SCOPES}; got {scope!r}.")
-    # An infinite norm keeps only the largest error: the fits then ignore almost every value.
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 < p < np.inf:
-        raise ValueError(f"`p` must be a finite number > 0; got {p!r}.")
-    try:
-        low, high = (float(b) for b in exponent_bounds)
-    except (TypeError, ValueError):
-        raise ValueError(f"`exponent_bounds` must be a pair (low, high); got {exponent_bounds!r}.") from None
-    if not 0 < low < high < np.inf:
-        raise ValueError(f"`exponent_bounds` must satisfy 0 < low < high < inf; got {exponent_bounds}.")
-    _check_count(calibration_batch_size, "calibration_batch_size")
-    if calibration_steps is not None:
-        _check_count(calibration_steps, "calibration_steps")
-    if not isinstance(weight_clipping, bool):
-        raise ValueError(f"`weight_clipping` must be True or False; got {weight_clipping!r}.")
-    check_bias_correction(bias_correction)
+def check_inputs(config, calibration_data, calibration_labels=None):
+    """Raises ValueError for data `convert` cannot use with `config`, before any work."""
+    if isinstance(calibration_data, str) and calibration_data != "synthetic":
+        raise ValueError(f'`calibration_data` as a string must be "synthetic"; got {calibration_data!r}.')
+    config.check_data(calibration_data is not None, calibration_labels is not None)
+    if calibration_labels is not None:
+        refinement.check_calibration_labels(calibration_labels, calibration_data)
 
 
 def _fit_weights(plan, method, scope, per_channel, p, bounds, clip, step):
@@ -167,30 +127,12 @@ def _data_free_samples(plan, stats):
 
 def convert(
     model,
-    wbits=4,
-    abits=4,
-    method="powerquant",
-    *,
+    *args,
+    config=None,
     calibration_data=None,
-    scope="layer",
-    per_channel=True,
-    p=2.0,
-    exponent_bounds=DEFAULT_EXPONENT_BOUNDS,
-    quantize_first_last=False,
-    first_last_bits=8,
-    fast_activations=True,
-    weight_clipping=False,
-    bias_correction=True,
-    calibration_batch_size=DEFAULT_BATCH_SIZE,
-    calibration_steps=None,
-    refine=False,
     calibration_labels=None,
-    target_size=None,
-    mean_bits=None,
-    refine_samples=refinement.DEFAULT_REFINE_SAMPLES,
-    refine_evaluations=refinement.DEFAULT_MAX_EVALUATIONS,
-    rounding_iterations=refinement.ROUNDING_ITERATIONS,
     progress=None,
+    **options,
 ):
     """Converts a trained Keras model to PowerQuant.
 
@@ -202,15 +144,19 @@ def convert(
     `PowerQuantActivation` layers. Layers it does not quantize stay float and
     are reported. The input model is not modified.
 
+    `convert(model, 4, 4, "uniform", scope="network")` and
+    `convert(model, config=ConversionConfig(4, 4, "uniform", scope="network"))`
+    are the same conversion.
+
     Args:
         model: a Functional or Sequential `keras.Model`, or the path of a
             `.keras` or `.h5` file.
-        wbits: weight bit width, 2 to 8.
-        abits: activation bit width, 2 to 8, or None for weight-only
-            quantization: weights become codes (BatchNorm folded) and
-            activations stay float, with no quantizer in the graph.
-        method: "powerquant" (fitted exponents) or "uniform" (`a = 1`
-            everywhere: the baseline).
+        *args, **options: the options, as the arguments of
+            `ConversionConfig`: `wbits` (default 4), `abits` (4; None for
+            weight-only), `method` ("powerquant" or "uniform"), then keyword
+            options (`scope`, `per_channel`, `bias_correction`, `refine`,
+            `target_size`, ...; see `ConversionConfig`).
+        config: a `ConversionConfig`, instead of `*args` and `**options`.
         calibration_data: optional model inputs to fit activation
             quantizers on instead of BatchNorm statistics, in the forms
             `Model.fit`/`predict` take: an array, `[x]`, a list/tuple or
@@ -221,66 +167,17 @@ def convert(
             generates inputs from the model itself (`synthesize_inputs`
             with its defaults); a `SyntheticData(num_samples=...,
             input_range=...)` sets its options.
-        scope: "layer" (one exponent per layer) or "network" (one weight
-            exponent and one activation exponent shared by all layers).
-        per_channel: one weight scale per output channel, or per tensor.
-        p: the norm of the reconstruction error, `sum |x - x_hat|^p`
-            (finite, > 0).
-        exponent_bounds: the exponent search interval.
-        quantize_first_last: quantize the first and last quantized layers
-            at `wbits`/`abits` rather than `first_last_bits`.
-        first_last_bits: bit width of the first and last layers otherwise.
-        fast_activations: True (default): choose each activation exponent
-            among 1, 1/2 and 1/4. Those powers are square roots and
-            squares, so quantized activations cost about as much as uniform
-            ones at inference; at 4-bit activations this gave up 0.1-1.6
-            points of top-1 against the continuous fit (not significant at
-            p < 0.05; benchmarks/RESULTS.md). False: fit it anywhere in
-            `exponent_bounds`, at the cost of two exp/log pairs per
-            activation at inference. Weight exponents are fitted on the
-            whole interval either way (their decode costs nothing per call).
-        weight_clipping: fit each layer's weight clip fraction `alpha` in
-            `[0.05, 1]` jointly with its exponent (docs/method.md §7): the scales
-            become `alpha max |W|` per channel, one `alpha` per layer.
-        bias_correction: subtract each quantized layer's mean output shift
-            from its bias (docs/method.md §7). True: "empirical" with calibration
-            data, real or synthetic (measured layer by layer on up to 256 of
-            its samples), "analytic" without (from BatchNorm statistics); or
-            one of those strings, or False.
-        calibration_batch_size: batch size for in-memory calibration arrays
-            (an integer >= 1).
-        calibration_steps: use at most this many calibration batches (an
-            integer >= 1, or None for all).
-        refine: loss-aware refinement after the per-layer fit (needs
-            `calibration_data`): True runs the recommended steps
-            ("grid", "granularity", "lapq", "rounding"), a list runs the
-            steps named. "grid" picks `a*` or `a = 1` per layer and
-            activation by the network loss (never worse than uniform on
-            it), "granularity" per-tensor scales where they cost nothing,
-            "lapq" LAPQ's joint Powell search over clips and exponents,
-            "rounding" learned rounding (AdaRound). See
-            `keras_powerquant.refinement` and docs/method.md §8.
         calibration_labels: integer class labels of the calibration
             samples, in their order: refinement then minimises the
             cross-entropy instead of the KL divergence to the float model.
-        target_size: mixed precision: weight bits per layer (2..8) chosen
-            by loss sensitivity per byte so that the converted model's
-            weights take at most this many bytes (an int) or this fraction
-            of the float model's (a float in (0, 1]). Needs
-            `calibration_data`; overrides `wbits` and `first_last_bits`
-            for the layers' kernels.
-        mean_bits: mixed precision with a budget of this many kernel bits
-            per weight on average instead.
-        refine_samples: calibration samples refinement evaluates on (a
-            uniform random subsample, seed 0).
-        refine_evaluations: evaluation budget of LAPQ's Powell search.
-        rounding_iterations: gradient steps per layer of the "rounding"
-            step (learned rounding, AdaRound-style).
         progress: optional callback `progress(stage, done, total)`.
 
     Returns:
         `(quantized_model, report)`: the converted `keras.Model` and a
-        `ConversionReport`.
+        `ConversionReport`, whose `options` are `config.get_config()` with
+        the values conversion resolved (`bias_correction`: the method used,
+        or False) and `calibrated`, `labelled` (and `synthetic`, the
+        `SyntheticData` options, when used).
 
     Raises:
         ModelLoadError: `model` is a path that cannot be loaded.
@@ -289,21 +186,15 @@ def convert(
         CalibrationDataError: calibration data that does not fit the model.
         UnsupportedModelError: `"synthetic"` for a model with neither
             BatchNorm layers nor a classifier output.
-        ValueError: invalid options.
+        ValueError: invalid options, or options the data cannot serve
+            (refinement without calibration data...).
+        TypeError: an unknown option, or `config` with other options.
     """
-    check_options(
-        wbits, abits, method, scope, p, exponent_bounds, first_last_bits, calibration_batch_size, calibration_steps,
-        weight_clipping, bias_correction,
-    )
+    config = resolve_config(config, args, options)
+    check_inputs(config, calibration_data, calibration_labels)
     if isinstance(calibration_data, str):
-        if calibration_data != "synthetic":
-            raise ValueError(f'`calibration_data` as a string must be "synthetic"; got {calibration_data!r}.')
         calibration_data = SyntheticData()
-    correction = resolve_bias_correction(bias_correction, calibration_data is not None)
-    steps = refinement.check_refine_options(
-        refine, calibration_data, calibration_labels, target_size, mean_bits, refine_samples
-    )
-    refining = bool(steps) or target_size is not None or mean_bits is not None
+    correction = config.bias_correction_method(calibration_data is not None)
     seconds = {}
     started = time.perf_counter()
 
@@ -314,10 +205,14 @@ def convert(
     _check_weights(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
-    plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
-    if refining:
-        budget = refinement.size_budget(plan, refinement.weight_bytes(model), target_size, mean_bits, per_channel)
-        reservoir = refinement.InputReservoir(refine_samples)
+    plan = plan_conversion(
+        graph, folds, config.wbits, config.abits, config.quantize_first_last, config.first_last_bits
+    )
+    if config.refining:
+        budget = refinement.size_budget(
+            plan, refinement.weight_bytes(model), config.target_size, config.mean_bits, config.per_channel
+        )
+        reservoir = refinement.InputReservoir(config.refine_samples)
     seconds["analysis"] = time.perf_counter() - started
 
     synthetic = calibration_data if isinstance(calibration_data, SyntheticData) else None
@@ -335,46 +230,46 @@ def convert(
         samples, rules = _data_free_samples(plan, stats)
     else:
         batches = calibration_batches(
-            calibration_data, graph.input_tensors, calibration_batch_size, calibration_steps
+            calibration_data, graph.input_tensors, config.calibration_batch_size, config.calibration_steps
         )
         if correction == "empirical":
             batches = _keeping(batches, kept_batches, BIAS_CORRECTION_SAMPLES)
-        if refining:
+        if config.refining:
             batches = reservoir.watch(batches)
         calibrate = report_progress("calibration")
         samples = record_samples(
-            graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, calibration_steps)
+            graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, config.calibration_steps)
         )
         rules = {key: "calibration" for key in plan.quantizers}
     seconds["statistics"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     _fit_weights(
-        plan, method, scope, per_channel, p, exponent_bounds, weight_clipping, report_progress("weights")
+        plan, config.method, config.scope, config.per_channel, config.p, config.exponent_bounds,
+        config.weight_clipping, report_progress("weights"),
     )
     seconds["weights"] = time.perf_counter() - mark
     mark = time.perf_counter()
     _fit_activations(
-        plan, samples, rules, method, scope, p, exponent_bounds, fast_activations, report_progress("activations")
+        plan, samples, rules, config.method, config.scope, config.p, config.exponent_bounds,
+        config.fast_activations, report_progress("activations"),
     )
     seconds["activations"] = time.perf_counter() - mark
 
     refinement_reports = []
-    if refining:
+    if config.refining:
         mark = time.perf_counter()
         labels = None if calibration_labels is None else refinement.subsample_labels(calibration_labels, reservoir)
         plan, refinement_reports = refinement.refine_plan(
-            graph, folds, plan, steps=steps, inputs=reservoir.inputs, labels=labels, samples=samples,
-            method=method, per_channel=per_channel, exponent_bounds=exponent_bounds,
-            fast_activations=fast_activations, budget=budget, max_evaluations=refine_evaluations,
-            rounding_iterations=rounding_iterations, progress=progress,
+            graph, folds, plan, config, inputs=reservoir.inputs, labels=labels, samples=samples, budget=budget,
+            progress=progress,
         )
         seconds["refinement"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     if correction is not None:
         _give_every_layer_a_bias(plan)
-    builder = ModelBuilder(graph, folds, plan, per_channel)
+    builder = ModelBuilder(graph, folds, plan, config.per_channel)
     quantized_model = builder.build()
     seconds["build"] = time.perf_counter() - mark
 
@@ -391,24 +286,13 @@ def convert(
     seconds["bias_correction"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
 
+    # What was asked, with what conversion resolved: the report's options rebuild the conversion.
     options = {
-        "method": method,
-        "wbits": wbits,
-        "abits": abits,
-        "scope": scope,
-        "per_channel": per_channel,
-        "p": p,
-        "exponent_bounds": list(exponent_bounds),
-        "quantize_first_last": quantize_first_last,
-        "first_last_bits": first_last_bits,
-        "fast_activations": fast_activations,
-        "weight_clipping": weight_clipping,
-        "bias_correction": correction,
+        **config.get_config(),
+        "bias_correction": correction or False,
         "calibrated": calibration_data is not None,
+        "labelled": calibration_labels is not None,
     }
-    if refining:
-        options.update(refine=list(steps), target_size=target_size, mean_bits=mean_bits,
-                       refine_samples=refine_samples, labelled=calibration_labels is not None)
     if synthetic is not None:
         options["synthetic"] = dataclasses.asdict(synthetic)
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
@@ -452,11 +336,13 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         model: a Functional or Sequential `keras.Model`, or a model file path.
         wbits, abits, quantize_first_last, first_last_bits: as in `convert`.
     """
-    check_options(wbits, abits, first_last_bits=first_last_bits)
+    config = ConversionConfig(wbits, abits, quantize_first_last=quantize_first_last, first_last_bits=first_last_bits)
     model, notes = resolve_model(model)
     graph = FlatGraph(model)
     folds, unfolded = plan_folds(graph)
-    plan = plan_conversion(graph, folds, wbits, abits, quantize_first_last, first_last_bits)
+    plan = plan_conversion(
+        graph, folds, config.wbits, config.abits, config.quantize_first_last, config.first_last_bits
+    )
     stats = propagate_statistics(graph, folds)
     for quantizer in plan.quantizers.values():
         quantizer.rule = stats[quantizer.key].rule
@@ -464,10 +350,10 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
             quantizer.reason = "no data-free statistics; needs calibration data"
     options = {
         "method": "inspect",
-        "wbits": wbits,
-        "abits": abits,
-        "quantize_first_last": quantize_first_last,
-        "fast_activations": True,  # what `convert` does by default
+        "wbits": config.wbits,
+        "abits": config.abits,
+        "quantize_first_last": config.quantize_first_last,
+        "fast_activations": config.fast_activations,  # what `convert` does by default
     }
     return _report(graph, plan, folds, unfolded, options, notes, {})
 

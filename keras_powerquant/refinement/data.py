@@ -9,8 +9,6 @@ with their positions in the stream so labels can follow them.
 
 import numpy as np
 
-DEFAULT_REFINE_SAMPLES = 256
-
 
 class InputReservoir:
     """A uniform sample of at most `capacity` whole samples from a stream of batches.

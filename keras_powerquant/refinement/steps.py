@@ -28,6 +28,8 @@ import time
 import numpy as np
 from scipy import optimize
 
+from keras_powerquant.limits import ROUNDING_ITERATIONS
+
 # LAPQ's initialisation norms (Nahshan et al. search p in this range).
 LAPQ_NORMS = (2.0, 2.5, 3.0, 3.5, 4.0)
 # Activation clips move within this factor range of their starting value.
@@ -422,7 +424,6 @@ def bits_step(context, settings, budget):
 _ROUNDING_WARMUP = 0.2
 _BETA_RANGE = (20.0, 2.0)
 _ROUNDING_WEIGHT = 0.01
-ROUNDING_ITERATIONS = 200
 _ROUNDING_BATCH = 32
 
 
