@@ -23,6 +23,7 @@ import time
 
 import accuracy
 import activation_ops
+import clip_norm
 import common
 import conversion_time
 import data_free
@@ -50,6 +51,7 @@ BENCHMARKS = {
 # (what the run showed, in words) when there is one.
 STANDALONE = {
     "data_free": data_free,
+    "clip_norm": clip_norm,
     "synthetic_calibration": synthetic_calibration,
     "refinement_time": refinement_time,
     "refinement": refinement,
