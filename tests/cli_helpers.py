@@ -25,8 +25,9 @@ NUM_CLASSES = 10
 def build_small_model(seed=0, name="small"):
     """A functional CNN covering each conversion decision the CLI reports.
 
-    conv_a + bn_a (folded, first layer), sep_b (SeparableConv2D: kept float),
-    bn_b after a ReLU (kept: not foldable), conv_c + bn_c (folded, 4-bit
+    conv_a + bn_a (folded, first layer), sep_b (SeparableConv2D: quantized as
+    sep_b_depthwise and sep_b_pointwise), bn_b after a ReLU (kept: not
+    foldable), norm_b (LayerNormalization: kept float), conv_c + bn_c (folded, 4-bit
     middle layer), logits (Dense, last layer). BatchNorm statistics are
     random so folding changes the kernels.
     """
@@ -41,6 +42,7 @@ def build_small_model(seed=0, name="small"):
     h = layers.SeparableConv2D(6, 3, padding="same", name="sep_b")(h)
     h = layers.ReLU(name="relu_b")(h)
     h = layers.BatchNormalization(name="bn_b")(h)
+    h = layers.LayerNormalization(name="norm_b")(h)
     h = layers.Conv2D(6, 3, padding="same", name="conv_c")(h)
     h = layers.BatchNormalization(name="bn_c")(h)
     h = layers.ReLU(name="relu_c")(h)
@@ -60,8 +62,8 @@ def build_small_model(seed=0, name="small"):
 
 # Expected decisions for build_small_model, from how it is built.
 SMALL_FOLDS = {"bn_a": "conv_a", "bn_c": "conv_c"}
-SMALL_QUANTIZED = ["conv_a", "conv_c", "logits"]
-SMALL_FLOAT = {"sep_b": "SeparableConv2D"}
+SMALL_QUANTIZED = ["conv_a", "sep_b_depthwise", "sep_b_pointwise", "conv_c", "logits"]
+SMALL_FLOAT = {"norm_b": "LayerNormalization"}
 SMALL_KEPT_BN = {"bn_b": "relu_b"}
 
 

@@ -346,7 +346,7 @@ def sequential(seed=0, stats="data"):
 def unsupported(seed=0, stats="data"):
     """Layers that must stay float, BatchNorms that must not fold, custom layers.
 
-    - `sep` SeparableConv2D (+ `sep_bn`: no linear layer it folds into),
+    - `sep` SeparableConv2D (split: `sep_bn` folds into `sep_pointwise`),
     - `conv1d` Conv1D after a Reshape (+ `conv1d_bn`, foldable),
     - `grouped` Conv2D(groups=2) (+ `grouped_bn`, foldable),
     - `bn_after_relu` follows an activation,
@@ -416,7 +416,7 @@ EXPECTED_FOLDS = {
         )
     },
     "sequential": {"bn1": "conv1", "bn2": "conv2"},
-    "unsupported": {"stem_bn": "stem", "grouped_bn": "grouped", "conv1d_bn": "conv1d"},
+    "unsupported": {"stem_bn": "stem", "sep_bn": "sep_pointwise", "grouped_bn": "grouped", "conv1d_bn": "conv1d"},
 }
 EXPECTED_KEPT = {
     "resnet": {},
@@ -426,7 +426,6 @@ EXPECTED_KEPT = {
     "activations": {},
     "sequential": {},
     "unsupported": {
-        "sep_bn": "SeparableConv2D",
         "bn_after_relu": "ReLU",
         "branch_bn": "other consumers",
     },

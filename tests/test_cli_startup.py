@@ -76,7 +76,7 @@ def test_conversion_shows_kpq_warnings_and_no_tensorflow_startup_lines(small_mod
     for noise in ("oneDNN", "cuda", "absl", "cpu_feature_guard"):
         assert noise.lower() not in process.stderr.lower(), process.stderr
     # What the user must know still shows: the layer kept float, the input without statistics.
-    assert "Warning: layer 'sep_b' (SeparableConv2D) kept float" in process.stderr
+    assert "Warning: layer 'norm_b' (LayerNormalization) kept float" in process.stderr
     assert any(
         line.startswith("Warning: activation ") and "no statistics" in line for line in process.stderr.splitlines()
     ), process.stderr
