@@ -4,6 +4,9 @@ import keras
 import numpy as np
 import pytest
 
+from keras_powerquant.converter.graph import FlatGraph
+from keras_powerquant.converter.registry import linear_type
+from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.layers import PowerQuantConv2DTranspose
 from keras_powerquant.quantization.packing import unpack_nibbles
 from keras_powerquant.quantization.weights import WeightQuantizer
@@ -140,3 +143,46 @@ def test_config_and_keras_file_round_trip(tmp_path):
     assert restored.get_config() == config
     np.testing.assert_array_equal(restored.kernel_codes.numpy(), layer.kernel_codes.numpy())
     np.testing.assert_array_equal(loaded.predict(data, verbose=0), model.predict(data, verbose=0))
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS) - 1))
+def test_tap_coverage_is_where_each_tap_writes(variant):
+    """The registry's coverage of each tap equals the mean output of a one-hot kernel on an all-ones input."""
+    options = VARIANTS[variant]
+    layer = keras.layers.Conv2DTranspose(1, use_bias=False, **options)
+    x = np.ones((1, 5, 6, 1), np.float32)
+    outputs = layer(x)
+    coverage = linear_type(layer).tap_coverage(layer, x.shape, outputs.shape)
+    for tap in np.ndindex(*layer.kernel_size):
+        kernel = np.zeros(layer.kernel.shape, np.float32)
+        kernel[tap] = 1.0
+        layer.kernel.assign(kernel)
+        expected = float(np.mean(layer(x).numpy()))
+        assert np.prod([c[i] for c, i in zip(coverage, tap)]) == pytest.approx(expected, abs=1e-6), tap
+
+
+@pytest.mark.parametrize("zero_mean", [False, True])
+def test_statistics_propagate_through_the_transposed_convolution(zero_mean):
+    """Per-channel moments of a strided transposed convolution of Normal(beta, gamma^2) inputs, data-free vs sampled.
+
+    Output positions of different phases (position mod stride) sum different
+    taps; the propagated variance is their average variance, without the
+    spread of their means: exact for zero-mean inputs, too low otherwise.
+    """
+    inputs = keras.Input((6, 6, 3))
+    normalized = keras.layers.BatchNormalization(name="bn")(inputs)  # moving statistics 0 and 1: gamma x + beta
+    up = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")
+    model = keras.Model(inputs, up(normalized))
+    rng = np.random.default_rng(8)
+    bn = model.get_layer("bn")
+    bn.gamma.assign(rng.uniform(0.5, 1.5, 3).astype(np.float32))
+    bn.beta.assign(rng.normal(0, 1, 3).astype(np.float32) if zero_mean is False else np.zeros(3, np.float32))
+    up.kernel.assign(rng.normal(0, 0.5, up.kernel.shape).astype(np.float32))
+    graph = FlatGraph(model)
+    stats = propagate_statistics(graph, {})[graph.output_keys[0]].gaussians
+    sampled = model.predict(rng.standard_normal((400, 6, 6, 3)).astype(np.float32), verbose=0)
+    np.testing.assert_allclose(stats.mean, sampled.mean(axis=(0, 1, 2)), atol=0.02)
+    if zero_mean:
+        np.testing.assert_allclose(stats.var, sampled.var(axis=(0, 1, 2)), rtol=0.1)
+    else:
+        assert np.all(stats.var < sampled.var(axis=(0, 1, 2)))

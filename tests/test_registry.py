@@ -18,6 +18,8 @@ _EXAMPLES = {
     L.Conv3D: (lambda: L.Conv3D(3, 2), (2, 4, 4, 4, 2)),
     L.DepthwiseConv1D: (lambda: L.DepthwiseConv1D(3, depth_multiplier=2), (2, 6, 4)),
     L.DepthwiseConv2D: (lambda: L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"), (2, 6, 6, 4)),
+    L.Conv2DTranspose: (lambda: L.Conv2DTranspose(3, 2, strides=2, output_padding=1), (2, 5, 5, 4)),
+    L.EinsumDense: (lambda: L.EinsumDense("abc,dc->abd", (None, 3), bias_axes="d"), (2, 5, 4)),
 }
 
 
@@ -30,8 +32,8 @@ def test_entry_matches_its_layers(entry):
     make, shape = _EXAMPLES[entry.keras_class]
     layer = make()
     outputs = layer(np.zeros(shape, np.float32))
-    kernel_shape = tuple(layer.kernel.shape)
-    # The layout's output channels are the layer's output channels.
+    # The kernel in the entry's layout (output channels last); its output channels are the layer's.
+    kernel_shape = entry.stored_kernel(layer, layer.kernel.numpy()).shape
     assert entry.output_channels(kernel_shape) == outputs.shape[entry.channel_axis(layer, len(outputs.shape))]
     assert entry.channels_last(layer)
     if entry.quantized_class is None:

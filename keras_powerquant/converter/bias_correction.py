@@ -59,8 +59,11 @@ class BiasCorrection:
 
 def _coverage(op):
     layer = op.layer
-    if linear_type(layer).layout == "dense" or not _channels_last(layer):
+    entry = linear_type(layer)
+    if entry.layout == "dense" or not _channels_last(layer):
         return None
+    if entry.tap_coverage is not None:
+        return entry.tap_coverage(layer, op.node.input_tensors[0].shape, op.node.outputs[0].shape)
     sizes = op.node.input_tensors[0].shape[1:-1]
     return [
         tap_coverage(size, k, s, d, layer.padding)

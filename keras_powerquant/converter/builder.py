@@ -156,7 +156,8 @@ class ModelBuilder:
         new = layer.__class__.from_config(config)
         args, kwargs = op.call_arguments(values)
         outputs = new(*args, **kwargs)
-        new.set_weights(list(linear_weights(layer, self.folds[id(layer)])))
+        kernel, bias = linear_weights(layer, self.folds[id(layer)])
+        new.set_weights([linear_type(layer).keras_kernel(layer, kernel), bias])
         return outputs
 
     def _call_float(self, op, values):

@@ -80,11 +80,15 @@ def batch_norm_parameters(bn):
 def linear_weights(layer, fold=None):
     """`(kernel, bias)` of a linear layer as float32 numpy, BatchNorm folded in if given.
 
+    The kernel is in the layer type's `layout` (see `registry`).
+
     `bias` is None for a layer without bias and no fold.
     """
     kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), dtype=np.float32)
+    kernel = linear_type(layer).stored_kernel(layer, kernel)
     bias = None
-    if getattr(layer, "use_bias", False) and layer.bias is not None:
+    # EinsumDense has a bias when it has `bias_axes`, and no `use_bias`.
+    if getattr(layer, "use_bias", True) and getattr(layer, "bias", None) is not None:
         bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), dtype=np.float32)
     if fold is None:
         return kernel, bias

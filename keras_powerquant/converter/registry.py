@@ -26,10 +26,15 @@ from typing import Callable
 from typing import Optional
 
 import keras
+import numpy as np
 
 from keras_powerquant.layers import PowerQuantConv2D
+from keras_powerquant.layers import PowerQuantConv2DTranspose
 from keras_powerquant.layers import PowerQuantDense
 from keras_powerquant.layers import PowerQuantDepthwiseConv2D
+from keras_powerquant.layers import PowerQuantEinsumDense
+from keras_powerquant.layers.einsum_dense import EinsumEquation
+from keras_powerquant.quantization.bias_correction import transposed_tap_coverage
 
 L = keras.layers
 
@@ -46,6 +51,36 @@ def data_format_channel_axis(layer, rank):
 def _grouped(layer):
     groups = getattr(layer, "groups", 1)
     return None if groups == 1 else f"grouped convolution (groups={groups})"
+
+
+def _transposed_coverage(layer, input_shape, output_shape):
+    channels_first = layer.data_format == "channels_first"
+    sizes_in = input_shape[2:] if channels_first else input_shape[1:-1]
+    sizes_out = output_shape[2:] if channels_first else output_shape[1:-1]
+    axes = zip(sizes_in, sizes_out, layer.kernel_size, layer.strides, layer.dilation_rate)
+    return [transposed_tap_coverage(*sizes, k, s, d, layer.padding) for *sizes, k, s, d in axes]
+
+
+def _einsum_kernel_axes(layer):
+    return EinsumEquation.parse(layer.equation).storage_permutation()
+
+
+def _einsum_float_reason(layer):
+    """EinsumDense converts when it is a Dense on its input's last axis, kernel in either order."""
+    parts = EinsumEquation.parse(layer.equation)
+    dense = (
+        len(parts.kernel) == 2
+        and parts.ellipsis != "right"
+        and parts.contracted_axes == parts.inputs[-1]
+        and parts.output_axes == parts.outputs[-1]
+        and layer.bias_axes in (None, parts.outputs[-1])
+    )
+    if dense:
+        return None
+    return (
+        f"EinsumDense equation '{layer.equation}' (bias_axes={layer.bias_axes!r}): only a Dense over the "
+        "input's last axis (e.g. '...b,bc->...c') is converted"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +103,16 @@ class LinearLayerType:
         float_reason: `float_reason(layer)`: why this instance cannot be
             quantized (e.g. a configuration the PowerQuant layer lacks), or
             None.
+        kernel_axes: `kernel_axes(layer)`: the permutation that takes the
+            Keras kernel to `layout` (output channels last), or None when
+            it is in `layout` already (Conv2DTranspose's `(kh, kw, out, in)`
+            is not). The converter's kernels (folding, fits, the PowerQuant
+            layer's `set_float_weights`) are in `layout`.
+        tap_coverage: `tap_coverage(layer, input_shape, output_shape)`: per
+            spatial axis, the fraction of output positions each tap reaches,
+            for layers whose taps do not reach them all (a transposed
+            convolution's reach about `1 / stride`); None for convolutions,
+            whose coverage only padding lowers.
     """
 
     keras_class: type
@@ -76,6 +121,8 @@ class LinearLayerType:
     config_keys: tuple = ()
     channel_axis: Callable = data_format_channel_axis
     float_reason: Callable = lambda layer: None  # noqa: E731 - every instance is quantized
+    kernel_axes: Optional[Callable] = None
+    tap_coverage: Optional[Callable] = None
 
     def __post_init__(self):
         if self.layout not in _OUTPUT_CHANNEL_NDIM:
@@ -95,6 +142,14 @@ class LinearLayerType:
         # Rank 3 tells the last axis (2) from the first non-batch one (1).
         return self.channel_axis(layer, 3) == 2
 
+    def stored_kernel(self, layer, kernel):
+        """The Keras kernel of `layer` in `layout`."""
+        return kernel if self.kernel_axes is None else np.transpose(kernel, self.kernel_axes(layer))
+
+    def keras_kernel(self, layer, kernel):
+        """A kernel in `layout` back in the Keras layer's own layout."""
+        return kernel if self.kernel_axes is None else np.transpose(kernel, np.argsort(self.kernel_axes(layer)))
+
     def quantized_arguments(self, layer):
         """The `config_keys` arguments of `quantized_class`, from the layer's config."""
         config = layer.get_config()
@@ -108,6 +163,24 @@ LINEAR_LAYER_TYPES = (
     LinearLayerType(L.Conv3D, "conv"),
     LinearLayerType(L.DepthwiseConv1D, "depthwise"),
     LinearLayerType(L.DepthwiseConv2D, "depthwise", PowerQuantDepthwiseConv2D, ("depth_multiplier",) + _CONV_KEYS),
+    LinearLayerType(
+        L.Conv2DTranspose,
+        "conv",
+        PowerQuantConv2DTranspose,
+        ("filters", "output_padding") + _CONV_KEYS,
+        kernel_axes=lambda layer: (0, 1, 3, 2),
+        tap_coverage=_transposed_coverage,
+    ),
+    LinearLayerType(
+        L.EinsumDense,
+        "dense",
+        PowerQuantEinsumDense,
+        ("equation", "output_shape", "bias_axes"),
+        # A BatchNorm folds only into the equations that convert.
+        channel_axis=lambda layer, rank: rank - 1 if _einsum_float_reason(layer) is None else None,
+        float_reason=_einsum_float_reason,
+        kernel_axes=_einsum_kernel_axes,
+    ),
 )
 _BY_CLASS = {entry.keras_class: entry for entry in LINEAR_LAYER_TYPES}
 

@@ -7,6 +7,7 @@ other tensors are propagated from those, or are unknown.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 from typing import Optional
@@ -99,7 +100,11 @@ def _linear_stats(op, stats_in, fold):
     if gaussians.channels != channels_in:
         return TensorStats.unknown(stats_in.rule)
     kernel, bias = linear_weights(layer)
-    pre = linear_gaussians(gaussians, kernel, bias, entry.layout)
+    tap_weights = None
+    if entry.tap_coverage is not None:
+        coverage = entry.tap_coverage(layer, op.node.input_tensors[0].shape, op.node.outputs[0].shape)
+        tap_weights = functools.reduce(np.multiply.outer, coverage)
+    pre = linear_gaussians(gaussians, kernel, bias, entry.layout, tap_weights)
     return _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
 
 

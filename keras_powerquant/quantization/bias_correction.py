@@ -49,6 +49,35 @@ def tap_coverage(input_size, kernel_size, stride=1, dilation=1, padding="valid")
     return np.mean((taps >= 0) & (taps < input_size), axis=1)
 
 
+def transposed_tap_coverage(input_size, output_size, kernel_size, stride=1, dilation=1, padding="valid"):
+    """Fraction of output positions each tap of one spatial axis of a transposed convolution writes.
+
+    Input position `x` and tap `k` write output `x stride + k dilation - p`,
+    with `p` TensorFlow's leading padding (0 for "valid"; for "same", half,
+    rounded down, of the padding the forward convolution from the output to
+    the input would take). With stride `s`, each tap writes about `1 / s` of
+    the outputs.
+
+    Args:
+        input_size, output_size: the axis' input and output lengths; None
+            when unknown (coverage `1 / stride`).
+        kernel_size, stride, dilation: the transposed convolution's values on this axis.
+        padding: "valid" or "same".
+
+    Returns:
+        float64 array `(kernel_size,)` with values in `[0, 1]`.
+    """
+    if input_size is None or output_size is None:
+        return np.full(kernel_size, 1.0 / stride)
+    if padding not in ("valid", "same"):
+        raise ValueError(f"`padding` must be 'valid' or 'same'; got {padding!r}.")
+    lead = 0
+    if padding == "same":
+        lead = max((input_size - 1) * stride + (kernel_size - 1) * dilation + 1 - output_size, 0) // 2
+    written = np.arange(input_size)[None, :] * stride + np.arange(kernel_size)[:, None] * dilation - lead
+    return np.sum((written >= 0) & (written < output_size), axis=1) / output_size
+
+
 def effective_kernel(kernel, layout, coverage=None):
     """The kernel summed over its taps, each tap weighted by its coverage.
 

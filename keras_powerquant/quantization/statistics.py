@@ -100,7 +100,7 @@ def concatenate_gaussians(inputs, rule="propagated: concatenate"):
     )
 
 
-def linear_gaussians(gaussians, kernel, bias, layout):
+def linear_gaussians(gaussians, kernel, bias, layout, tap_weights=None):
     """Propagates through a linear layer, inputs independent, padding ignored.
 
     Args:
@@ -109,14 +109,20 @@ def linear_gaussians(gaussians, kernel, bias, layout):
             `(kh, kw, in, multiplier)` for "depthwise".
         bias: `(out,)` array or None.
         layout: "dense", "conv" or "depthwise".
+        tap_weights: optional array of the kernel's spatial shape: the
+            fraction of output positions each tap reaches (a transposed
+            convolution's taps reach about `1 / stride` of them); 1 if None.
 
     Returns:
         `ChannelGaussians` of the output channels:
-        `mean_out = sum W mean_in + b`, `var_out = sum W^2 var_in`.
+        `mean_out = sum c W mean_in + b`, `var_out = sum c W^2 var_in`, with
+        `c` the tap weights (averaged over output positions).
     """
     kernel = np.asarray(kernel, dtype=np.float64)
     spatial = tuple(range(kernel.ndim - 2))
-    summed, squared = kernel.sum(axis=spatial), np.square(kernel).sum(axis=spatial)
+    weights = np.ones(kernel.shape[:-2]) if tap_weights is None else np.asarray(tap_weights, np.float64)
+    weights = weights.reshape(weights.shape + (1, 1))
+    summed, squared = (weights * kernel).sum(axis=spatial), (weights * np.square(kernel)).sum(axis=spatial)
     if layout == "depthwise":
         mean = (gaussians.mean[:, None] * summed).ravel()
         var = (gaussians.var[:, None] * squared).ravel()
