@@ -123,3 +123,17 @@ def test_channel_statistics_follow_a_reshape(output_shape):
 def test_channel_statistics_are_unknown_after_a_reshape_that_mixes_them():
     gaussians = ChannelGaussians(np.zeros(8), np.ones(8), "test")
     assert _flattened(TensorStats.of_gaussians(gaussians), (None, 6, 6, 8), (None, 48, 6)).gaussians is None
+
+
+def test_refinement_tunes_the_new_layer_types(original):
+    model, inputs = original
+    steps = ["grid", "granularity", "lapq", "rounding"]
+    quantized, report = kpq.convert(
+        model, 4, 4, calibration_data=inputs[:48], refine=steps, bias_correction=False,
+        refine_evaluations=10, refine_samples=48, rounding_iterations=10,
+    )
+    assert [step["name"] for step in report.refinement] == steps
+    for step in report.refinement:
+        assert step["loss_after"] <= step["loss_before"], step
+    assert report.refinement[-1]["loss_after"] < report.refinement[0]["loss_before"]
+    assert {type(quantized.get_layer(name)) for name in QUANTIZED} == set(QUANTIZED.values())
