@@ -2,8 +2,10 @@
 
 from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.layers.activation import PowerQuantActivation
-from keras_powerquant.layers.conv2d import PowerQuantConv2D
-from keras_powerquant.layers.conv2d import PowerQuantDepthwiseConv2D
+from keras_powerquant.layers.conv import PowerQuantConv1D
+from keras_powerquant.layers.conv import PowerQuantConv2D
+from keras_powerquant.layers.conv import PowerQuantConv3D
+from keras_powerquant.layers.conv import PowerQuantDepthwiseConv2D
 from keras_powerquant.layers.conv2d_transpose import PowerQuantConv2DTranspose
 from keras_powerquant.layers.dense import PowerQuantDense
 from keras_powerquant.layers.einsum_dense import PowerQuantEinsumDense

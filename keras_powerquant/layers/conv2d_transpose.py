@@ -3,12 +3,12 @@
 import keras
 import tensorflow as tf
 
-from keras_powerquant.layers.conv2d import _pair
-from keras_powerquant.layers.conv2d import _PowerQuantConv2DBase
+from keras_powerquant.layers.conv import _tuple
+from keras_powerquant.layers.conv import PowerQuantBaseConv
 
 
 @keras.saving.register_keras_serializable(package="keras_powerquant")
-class PowerQuantConv2DTranspose(_PowerQuantConv2DBase):
+class PowerQuantConv2DTranspose(PowerQuantBaseConv):
     """Transposed 2-D convolution whose kernel is stored as power-quantized codes.
 
     Computes `activation(conv_transpose(x, W_hat) + bias)` as
@@ -38,9 +38,9 @@ class PowerQuantConv2DTranspose(_PowerQuantConv2DBase):
     """
 
     def __init__(self, filters, kernel_size, output_padding=None, **kwargs):
-        super().__init__(kernel_size, **kwargs)
+        super().__init__(2, kernel_size, **kwargs)
         self.filters = int(filters)
-        self.output_padding = None if output_padding is None else _pair(output_padding, "output_padding")
+        self.output_padding = None if output_padding is None else _tuple(output_padding, 2, "output_padding")
         if self.output_padding is not None and any(p >= s for p, s in zip(self.output_padding, self.strides)):
             raise ValueError(
                 f"`output_padding` must be smaller than `strides` on each axis; got output_padding="
