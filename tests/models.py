@@ -490,3 +490,28 @@ def predict(model, inputs):
 def weights_of(model):
     """All weights of a model (nested models included), as numpy copies."""
     return [np.array(w.numpy()) for w in model.weights]
+
+
+def keras_ops_model(seed=0, stats="data"):
+    """Non-layer `keras.ops` calls in a Functional graph, as keras.applications makes them.
+
+    `keras.ops.relu` and `keras.ops.clip(x, 0, 6)` feed quantized layers (so
+    they become quantized activations), `keras.ops.add` joins a residual,
+    `keras.ops.mean` feeds a squeeze-and-excitation gate built like
+    MobileNetV3's hard sigmoid (`ReLU(6)(x + 3) * (1 / 6)`), `x * gate`
+    multiplies it in, and `keras.ops.gelu` (tanh approximation) feeds the head.
+    """
+    ops = keras.ops
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = _conv_bn(inputs, 8, "c1")
+    x = ops.relu(x)
+    r = _conv_bn(x, 8, "c2")
+    x = ops.clip(ops.add(x, r), 0.0, 6.0)
+    x = _conv_bn(x, 8, "c3")
+    gate = L.Conv2D(8, 1, name="gate_conv")(ops.mean(x, axis=(1, 2), keepdims=True))
+    gate = L.ReLU(6.0, name="gate_relu6")(gate + 3.0) * (1.0 / 6.0)
+    signed_product = _conv_bn(x * gate, 8, "c_signed")
+    unsigned_product = _conv_bn(ops.relu(signed_product) * gate, 8, "c_unsigned")
+    x = L.GlobalAveragePooling2D(name="pool")(ops.gelu(unsigned_product))
+    outputs = L.Dense(5, name="classifier")(x)
+    return _finish(keras.Model(inputs, outputs, name="keras_ops"), seed, stats)

@@ -71,7 +71,7 @@ def _coverage(op):
     layer = op.layer
     if layout_of(layer) == "dense" or not _channels_last(layer):
         return None
-    sizes = op.node.input_tensors[0].shape[1:-1]
+    sizes = op.input_tensors[0].shape[1:-1]
     return [
         tap_coverage(size, k, s, d, layer.padding)
         for size, k, s, d in zip(sizes, layer.kernel_size, layer.strides, layer.dilation_rate)

@@ -42,7 +42,7 @@ def _why_not_foldable(graph, op):
         return f"the output of '{linear.name}' has other consumers"
     if fused_activation_spec(linear) != LINEAR:
         return f"'{linear.name}' applies an activation before the BatchNormalization"
-    rank = len(producer.node.outputs[0].shape)
+    rank = len(producer.output_tensors[0].shape)
     axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     if [a % rank for a in axes] != [_channel_axis(linear, rank)]:
         return f"it normalizes axis {bn.axis}, not the channel axis of '{linear.name}'"

@@ -23,6 +23,7 @@ from keras_powerquant.converter.layer_types import is_grid_preserving
 from keras_powerquant.converter.layer_types import is_sign_preserving
 from keras_powerquant.converter.layer_types import LINEAR
 from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
+from keras_powerquant.converter.operations import output_nonnegative
 from keras_powerquant.quantization.search import ActivationFit
 from keras_powerquant.quantization.search import ExponentFit
 
@@ -135,7 +136,9 @@ def _nonnegative_keys(graph):
     for op in graph.ops:
         layer = op.layer
         spec = activation_layer_spec(layer)
-        if spec is not None:
+        if not op.is_layer:
+            result = output_nonnegative(op, [k in nonnegative for k in op.input_keys], spec)
+        elif spec is not None:
             result = spec.nonnegative
         elif type(layer) in QUANTIZED_CLASSES or hasattr(layer, "kernel"):
             spec = fused_activation_spec(layer)
@@ -198,7 +201,7 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
     """
     candidates, float_layers = {}, []
     for op in graph.ops:
-        if not op.layer.weights or type(op.layer) is L.BatchNormalization:
+        if not op.is_layer or not op.layer.weights or type(op.layer) is L.BatchNormalization:
             continue
         reason = _why_float(graph, op)
         if reason is None:
