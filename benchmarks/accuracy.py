@@ -150,6 +150,11 @@ def run(quick=False):
             other_pairs.append(
                 (f"{label} powerquant {calibration_name}", f"{label} powerquant-continuous {calibration_name}")
             )
+    # Data-free against calibrated, per method: what giving no data costs.
+    for wbits, abits in configs:
+        label = common.bits_label(wbits, abits)
+        for method in METHODS:
+            other_pairs.append((f"{label} {method} data-free", f"{label} {method} calibrated"))
     for wbits in WEIGHT_ONLY_BITS:
         label = common.bits_label(wbits, None)
         other_pairs += [(f"{label} powerquant", f"{label} uniform"), (f"{label} powerquant", "float")]
@@ -248,7 +253,8 @@ def markdown(result):
     lines += [
         "",
         "Other paired comparisons (same images): the default against the continuous exponents, "
-        "and weight-only (`abits=None`, activations float) against uniform, float and W/A.",
+        "data-free against calibrated for each method, and weight-only (`abits=None`, activations "
+        "float) against uniform, float and W/A.",
         "",
     ]
     rows = [

@@ -23,11 +23,15 @@ import time
 
 import accuracy
 import activation_ops
+import clip_norm
 import common
 import conversion_time
+import data_free
 import demo_accuracy
 import inference_cost
 import keras
+import refinement
+import refinement_time
 import sizes
 import synthetic_calibration
 import weight_error
@@ -43,9 +47,14 @@ BENCHMARKS = {
 }
 # Benchmarks too long for every run: each writes benchmarks/<name>.json when run
 # alone (`python benchmarks/<name>.py --json benchmarks/<name>.json`), and
-# RESULTS.md shows its section from that file.
+# RESULTS.md shows its section from that file, followed by benchmarks/notes/<name>.md
+# (what the run showed, in words) when there is one.
 STANDALONE = {
+    "data_free": data_free,
+    "clip_norm": clip_norm,
     "synthetic_calibration": synthetic_calibration,
+    "refinement_time": refinement_time,
+    "refinement": refinement,
 }
 
 
@@ -105,13 +114,18 @@ def _results_markdown(results):
         ]
         for path in results["plots"][name]:
             lines += [f"![{name}]({path})", ""]
+    here = os.path.dirname(os.path.abspath(__file__))
     for name, module in STANDALONE.items():
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.json")
+        path = os.path.join(here, f"{name}.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as file:
                 lines += [module.markdown(json.load(file)), "",
                           f"_{name}: from `python benchmarks/{name}.py --json benchmarks/{name}.json`, "
                           "run on its own._", ""]
+            notes = os.path.join(here, "notes", f"{name}.md")
+            if os.path.isfile(notes):
+                with open(notes, encoding="utf-8") as file:
+                    lines += [file.read().rstrip(), ""]
     return "\n".join(lines)
 
 

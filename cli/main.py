@@ -16,6 +16,7 @@ import sys
 import time
 
 import click
+from click.core import ParameterSource
 
 import keras_powerquant as kpq
 from keras_powerquant.cli.startup import import_tensorflow
@@ -140,12 +141,30 @@ def _load_calibration(path, key):
     return data[key]
 
 
-def _conversion_config(options, calibrated, labelled):
-    """The `ConversionConfig` of `kpq convert`'s flags, checked against the data given; usage errors for bad ones."""
+def _config_file(path):
+    """The options of a --config file: a `ConversionConfig.get_config()` as JSON, or an export's report."""
     from keras_powerquant.config import ConversionConfig
 
     try:
-        config = ConversionConfig(**options)
+        with open(path, encoding="utf-8") as file:
+            options = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read '{path}' as JSON: {exc}", param_hint="--config") from None
+    if isinstance(options, dict) and isinstance(options.get("report"), dict):
+        # An export's kpq-report.json: its options are a config's, with what conversion resolved.
+        fields = ConversionConfig().get_config()
+        options = {name: value for name, value in options["report"].get("options", {}).items() if name in fields}
+    if not isinstance(options, dict):
+        raise click.BadParameter(f"'{path}' must hold a JSON object of conversion options.", param_hint="--config")
+    return options
+
+
+def _conversion_config(options, calibrated, labelled):
+    """The `ConversionConfig` of `kpq convert`'s options, checked against the data given; usage errors for bad ones."""
+    from keras_powerquant.config import ConversionConfig
+
+    try:
+        config = ConversionConfig.from_config(options)
         config.check_data(calibrated, labelled)
     except ValueError as exc:
         raise click.UsageError(str(exc).replace("`calibration_data`", "--calibration-data")) from None
@@ -276,12 +295,15 @@ def _format_bytes(count):
 @click.option("--warmup", type=click.IntRange(0, MAX_WARMUP_REQUESTS), default=0, metavar="N",
               help="Write N TF Serving warm-up requests into the version (assets.extra/), one example each, "
               "from --calibration-data (a file) or zeros.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Conversion options as JSON: a kpq.ConversionConfig's get_config(), or an export's "
+              "kpq-report.json (to convert as that version was). Options given on the command line override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
             scope, quantize_first_last, fast_activations, weight_clipping, bias_correction, refine, calibration_labels,
             target_size, mean_bits, refine_samples, refine_evaluations, version, output_format, overwrite,
-            decode_weights, warmup, as_json):
+            decode_weights, warmup, config_file, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -320,13 +342,14 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         raise click.UsageError("--synthetic-samples and --input-range need --calibration-data synthetic.")
     if calibration_data and not synthetic and not os.path.isfile(calibration_data):
         raise click.BadParameter(f"'{calibration_data}' is not a file.", param_hint="--calibration-data")
-    options = {
+    flags = {
         "wbits": wbits,
         "abits": abits,
         "method": method,
         "scope": scope,
         "quantize_first_last": quantize_first_last,
         "fast_activations": fast_activations,
+        "weight_clipping": weight_clipping,
         "bias_correction": {"auto": True, "off": False}.get(bias_correction, bias_correction),
         "refine": _refine_steps(refine),
         "target_size": _target_size(target_size),
@@ -334,8 +357,12 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         "refine_samples": refine_samples,
         "refine_evaluations": refine_evaluations,
     }
-    if weight_clipping is not None:
-        options["weight_clipping"] = weight_clipping
+    # Options left at their defaults are ConversionConfig's (the same values) or the --config file's.
+    context = click.get_current_context()
+    given = {
+        name: value for name, value in flags.items() if context.get_parameter_source(name) != ParameterSource.DEFAULT
+    }
+    options = {**(_config_file(config_file) if config_file else {}), **given}
     config = _conversion_config(options, bool(calibration_data), calibration_labels is not None)
     labels = _load_calibration(calibration_labels, "y") if calibration_labels else None
     progress.message(f"Loading {model}")
@@ -347,7 +374,8 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
     else:
         calibration = _load_calibration(calibration_data, calibration_key) if calibration_data else None
         mode = "calibrated" if calibration is not None else "data-free"
-    progress.message(f"Converting: {method}, W{wbits}/A{'float' if abits is None else abits}, {mode}")
+    activation_bits = "float" if config.abits is None else config.abits
+    progress.message(f"Converting: {config.method}, W{config.wbits}/A{activation_bits}, {mode}")
     try:
         quantized, report = kpq.convert(
             original, config=config, calibration_data=calibration, calibration_labels=labels, progress=progress

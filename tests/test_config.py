@@ -281,9 +281,48 @@ def test_cli_report_records_the_config_of_its_flags(cli_files, monkeypatch):
 
     folder, paths = cli_files
     monkeypatch.chdir(folder)
-    result = invoke("convert", paths["keras"], "-o", "out", "--wbits", "5", "--abits", "float", "--scope", "network",
+    result = invoke("convert", paths["keras"], "-o", "flags", "--wbits", "5", "--abits", "float", "--scope", "network",
                     "--continuous-activations", "--bias-correction", "off", "--format", "keras", "--json")
     assert result.exit_code == 0, result.output
     options = json.loads(result.stdout)["report"]["options"]
     expected = ConversionConfig(5, None, scope="network", fast_activations=False, bias_correction=False)
     assert ConversionConfig.from_config({k: options[k] for k in expected.get_config()}) == expected
+
+
+def test_cli_config_file_with_flags_that_override_it_and_a_report_to_convert_again(cli_files, monkeypatch):
+    from tests.cli_helpers import invoke
+
+    folder, paths = cli_files
+    monkeypatch.chdir(folder)
+    (folder / "config.json").write_text(json.dumps(ConversionConfig(5, 6, scope="network", p=3.0).get_config()))
+    result = invoke("convert", paths["keras"], "-o", "first", "--config", "config.json", "--wbits", "3",
+                    "--format", "keras", "--json")
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)["report"]["options"]
+    assert (first["wbits"], first["abits"], first["scope"], first["p"]) == (3, 6, "network", 3.0)
+    # An export's report converts again as that version was converted.
+    result = invoke("convert", paths["keras"], "-o", "again", "--config", "first/1/kpq-report.json", "--format",
+                    "keras", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["report"]["options"] == first
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"wbit": 4}', "Unknown conversion option(s) ['wbit']"),
+        ('{"scope": "channel"}', "`scope` must be one of"),
+        ("[4, 4]", "must hold a JSON object of conversion options"),
+        ("wbits: 4", "cannot read"),
+    ],
+)
+def test_cli_bad_config_file_exits_2(cli_files, monkeypatch, content, message):
+    from tests.cli_helpers import invoke
+
+    folder, paths = cli_files
+    monkeypatch.chdir(folder)
+    (folder / "bad.json").write_text(content)
+    result = invoke("convert", paths["keras"], "-o", "out", "--config", "bad.json")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (folder / "out").exists()

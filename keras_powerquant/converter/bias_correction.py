@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_powerquant.converter.layer_types import FOLDABLE_LAYOUTS
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.bias_correction import bias_shift
 from keras_powerquant.quantization.bias_correction import effective_kernel
 from keras_powerquant.quantization.bias_correction import tap_coverage
@@ -57,19 +57,9 @@ class BiasCorrection:
         return None if self.shift is None else float(np.linalg.norm(self.shift))
 
 
-def output_channels(kernel, layout):
-    """Number of output channels of a kernel of the given layout."""
-    shape = np.shape(kernel)
-    return shape[-2] * shape[-1] if layout == "depthwise" else shape[-1]
-
-
-def layout_of(layer):
-    return FOLDABLE_LAYOUTS[type(layer)]
-
-
 def _coverage(op):
     layer = op.layer
-    if layout_of(layer) == "dense" or not _channels_last(layer):
+    if linear_type(layer).layout == "dense" or not _channels_last(layer):
         return None
     sizes = op.input_tensors[0].shape[1:-1]
     return [
@@ -80,7 +70,7 @@ def _coverage(op):
 
 def _kernel_sums(layer_plan, quantized_layer):
     op = layer_plan.op
-    layout = layout_of(op.layer)
+    layout = linear_type(op.layer).layout
     coverage = _coverage(op)
     dequantized = keras.ops.convert_to_numpy(quantized_layer.dequantized_kernel())
     return (
@@ -91,7 +81,7 @@ def _kernel_sums(layer_plan, quantized_layer):
 
 
 def _channels_last(layer):
-    return getattr(layer, "data_format", "channels_last") == "channels_last"
+    return linear_type(layer).channels_last(layer)
 
 
 def analytic_corrections(plan, stats, quantized_layers):

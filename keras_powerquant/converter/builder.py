@@ -4,16 +4,8 @@ import keras
 
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.folding import linear_weights
-from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.layers import PowerQuantActivation
-from keras_powerquant.layers import PowerQuantConv2D
-from keras_powerquant.layers import PowerQuantDepthwiseConv2D
-
-_CONV_ARGUMENTS = ("kernel_size", "strides", "padding", "data_format", "dilation_rate")
-_ARGUMENTS = {
-    PowerQuantConv2D: ("filters",) + _CONV_ARGUMENTS,
-    PowerQuantDepthwiseConv2D: ("depth_multiplier",) + _CONV_ARGUMENTS,
-}
 
 
 class _Names:
@@ -33,17 +25,15 @@ class _Names:
 def _quantized_layer(plan, name, activation, per_channel):
     layer = plan.layer
     per_channel = per_channel if plan.per_channel is None else plan.per_channel
-    cls = QUANTIZED_CLASSES[type(layer)]
-    config = layer.get_config()
-    arguments = {key: config[key] for key in _ARGUMENTS.get(cls, ("units",))}
-    return cls(
+    entry = linear_type(layer)
+    return entry.quantized_class(
         name=name,
         weight_bits=plan.weight_bits,
         weight_exponent=plan.fit.exponent,
         per_channel=per_channel,
         activation=activation,
         use_bias=plan.bias is not None,
-        **arguments,
+        **entry.quantized_arguments(layer),
     )
 
 

@@ -13,15 +13,13 @@ from keras_powerquant.config import resolve_config
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
 from keras_powerquant.converter.bias_correction import empirical_corrections
-from keras_powerquant.converter.bias_correction import layout_of
-from keras_powerquant.converter.bias_correction import output_channels
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
 from keras_powerquant.converter.calibration import record_samples
 from keras_powerquant.converter.folding import plan_folds
 from keras_powerquant.converter.graph import FlatGraph
-from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
 from keras_powerquant.converter.plan import plan_conversion
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.errors import InvalidModelError
 from keras_powerquant.loading import resolve_model
@@ -77,7 +75,7 @@ def _fit_weights(plan, method, scope, per_channel, p, bounds, clip, step):
     layer_plans = list(plan.layers.values())
     models = []
     for i, layer_plan in enumerate(layer_plans):
-        channel_ndim = QUANTIZED_CLASSES[type(layer_plan.layer)].channel_ndim if per_channel else 0
+        channel_ndim = linear_type(layer_plan.layer).channel_ndim if per_channel else 0
         models.append(WeightErrorModel(layer_plan.kernel, layer_plan.weight_bits, channel_ndim, p))
         step(i + 1, len(layer_plans))
     if method == "uniform":
@@ -318,7 +316,7 @@ def _give_every_layer_a_bias(plan):
     """A corrected layer needs a bias to hold the correction: zeros where it had none."""
     for layer_plan in plan.layers.values():
         if layer_plan.bias is None:
-            channels = output_channels(layer_plan.kernel, layout_of(layer_plan.layer))
+            channels = linear_type(layer_plan.layer).output_channels(layer_plan.kernel.shape)
             layer_plan.bias = np.zeros(channels, dtype=np.float32)
 
 

@@ -5,9 +5,9 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_powerquant.converter.layer_types import FOLDABLE_LAYOUTS
 from keras_powerquant.converter.layer_types import fused_activation_spec
 from keras_powerquant.converter.layer_types import LINEAR
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.folding import fold_batch_norm
 
 
@@ -20,11 +20,6 @@ class Fold:
     layout: str
 
 
-def _channel_axis(layer, rank):
-    data_format = getattr(layer, "data_format", "channels_last")
-    return 1 if data_format == "channels_first" else rank - 1
-
-
 def _why_not_foldable(graph, op):
     """Reason a BatchNorm call cannot be folded, or None if it can."""
     bn = op.layer
@@ -34,7 +29,8 @@ def _why_not_foldable(graph, op):
     if producer is None:
         return "its input is a model input"
     linear = producer.layer
-    if type(linear) not in FOLDABLE_LAYOUTS:
+    entry = linear_type(linear)
+    if entry is None:
         return f"its input comes from {type(linear).__name__} '{linear.name}', not a Dense/Conv layer"
     if len(graph.calls(linear)) != 1:
         return f"'{linear.name}' is shared (called more than once)"
@@ -44,7 +40,7 @@ def _why_not_foldable(graph, op):
         return f"'{linear.name}' applies an activation before the BatchNormalization"
     rank = len(producer.output_tensors[0].shape)
     axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    if [a % rank for a in axes] != [_channel_axis(linear, rank)]:
+    if [a % rank for a in axes] != [entry.channel_axis(linear, rank)]:
         return f"it normalizes axis {bn.axis}, not the channel axis of '{linear.name}'"
     return None
 
@@ -65,7 +61,7 @@ def plan_folds(graph):
         reason = _why_not_foldable(graph, op)
         if reason is None:
             linear = graph.producer[op.input_key].layer
-            folds[id(linear)] = Fold(linear, op.layer, FOLDABLE_LAYOUTS[type(linear)])
+            folds[id(linear)] = Fold(linear, op.layer, linear_type(linear).layout)
         else:
             skipped.append((op.layer, reason))
     return folds, skipped

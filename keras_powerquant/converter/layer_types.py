@@ -1,7 +1,8 @@
-"""What the converter knows about each Keras layer type.
+"""What the converter knows about activations and value-preserving layer types.
 
-Exact types are matched (not subclasses): a subclass may override `call`,
-and then folding or replacing it would change what the model computes.
+Linear layer types (kernels, folding, their PowerQuant layers) are in
+`registry`. Exact types are matched (not subclasses): a subclass may
+override `call`, and then its values would no longer be what we assume.
 """
 
 import dataclasses
@@ -11,31 +12,11 @@ import keras
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.operations import is_grid_preserving_operation
 from keras_powerquant.converter.operations import operation_activation_spec
-from keras_powerquant.layers import PowerQuantConv2D
-from keras_powerquant.layers import PowerQuantDense
-from keras_powerquant.layers import PowerQuantDepthwiseConv2D
 from keras_powerquant.quantization.activation_functions import NONNEGATIVE_ACTIVATIONS
 from keras_powerquant.quantization.activation_functions import NUMPY_ACTIVATIONS
 from keras_powerquant.quantization.activation_functions import relu
 
 L = keras.layers
-
-# Linear layers a following BatchNorm folds into, with their kernel layout.
-FOLDABLE_LAYOUTS = {
-    L.Dense: "dense",
-    L.Conv1D: "conv",
-    L.Conv2D: "conv",
-    L.Conv3D: "conv",
-    L.DepthwiseConv1D: "depthwise",
-    L.DepthwiseConv2D: "depthwise",
-}
-
-# Linear layers with a PowerQuant counterpart.
-QUANTIZED_CLASSES = {
-    L.Dense: PowerQuantDense,
-    L.Conv2D: PowerQuantConv2D,
-    L.DepthwiseConv2D: PowerQuantDepthwiseConv2D,
-}
 
 # Layers whose outputs are inputs values moved, dropped, repeated or zero
 # padded: a quantized tensor stays on its quantization grid through them.

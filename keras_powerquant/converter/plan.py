@@ -22,8 +22,8 @@ from keras_powerquant.converter.layer_types import fused_activation_spec
 from keras_powerquant.converter.layer_types import is_grid_preserving
 from keras_powerquant.converter.layer_types import is_sign_preserving
 from keras_powerquant.converter.layer_types import LINEAR
-from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
 from keras_powerquant.converter.operations import output_nonnegative
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.search import ActivationFit
 from keras_powerquant.quantization.search import ExponentFit
 
@@ -113,12 +113,14 @@ class ConversionPlan:
 def _why_float(graph, op):
     """Why a layer with weights is not quantized, or None if it is."""
     layer = op.layer
-    if type(layer) not in QUANTIZED_CLASSES:
+    entry = linear_type(layer)
+    if entry is None or entry.quantized_class is None:
         return f"no PowerQuant layer for {type(layer).__name__}"
     if len(graph.calls(layer)) != 1:
         return "shared layer (called more than once)"
-    if getattr(layer, "groups", 1) != 1:
-        return f"grouped convolution (groups={layer.groups})"
+    reason = entry.float_reason(layer)
+    if reason is not None:
+        return reason
     if keras.backend.standardize_dtype(layer.compute_dtype) != "float32":
         return f"compute dtype {layer.compute_dtype} (only float32 is converted)"
     return None
@@ -140,7 +142,7 @@ def _nonnegative_keys(graph):
             result = output_nonnegative(op, [k in nonnegative for k in op.input_keys], spec)
         elif spec is not None:
             result = spec.nonnegative
-        elif type(layer) in QUANTIZED_CLASSES or hasattr(layer, "kernel"):
+        elif linear_type(layer) is not None or hasattr(layer, "kernel"):
             spec = fused_activation_spec(layer)
             result = spec is not None and spec != LINEAR and spec.nonnegative
         elif type(layer) is L.Rescaling:

@@ -18,11 +18,11 @@ from keras_powerquant import keras_internals
 from keras_powerquant.converter.folding import batch_norm_parameters
 from keras_powerquant.converter.folding import linear_weights
 from keras_powerquant.converter.layer_types import activation_layer_spec
-from keras_powerquant.converter.layer_types import FOLDABLE_LAYOUTS
 from keras_powerquant.converter.layer_types import fused_activation_spec
 from keras_powerquant.converter.layer_types import is_sign_preserving
 from keras_powerquant.converter.layer_types import LINEAR
 from keras_powerquant.converter.operations import is_elementwise
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.statistics import add_gaussians
 from keras_powerquant.quantization.statistics import batchnorm_gaussians
 from keras_powerquant.quantization.statistics import ChannelGaussians
@@ -93,24 +93,21 @@ def _activated(stats, spec, name=None):
     return TensorStats(gaussians, lambda: fn(_fit_samples(pre)).ravel(), rule)
 
 
-def _is_channels_last(layer):
-    return getattr(layer, "data_format", "channels_last") == "channels_last"
-
-
 def _linear_stats(op, stats_in, fold):
     layer = op.layer
+    entry = linear_type(layer)
     if fold is not None:
         gamma, beta, _, _ = batch_norm_parameters(fold.batch_norm)
         return TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
     gaussians = stats_in.gaussians
     channels_in = op.input_tensors[0].shape[-1]
     groups = getattr(layer, "groups", 1)
-    if gaussians is None or not _is_channels_last(layer) or groups != 1:
+    if gaussians is None or not entry.channels_last(layer) or groups != 1:
         return TensorStats.unknown(stats_in.rule)
     if gaussians.channels != channels_in:
         return TensorStats.unknown(stats_in.rule)
     kernel, bias = linear_weights(layer)
-    pre = linear_gaussians(gaussians, kernel, bias, FOLDABLE_LAYOUTS[type(layer)])
+    pre = linear_gaussians(gaussians, kernel, bias, entry.layout)
     return _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
 
 
@@ -251,7 +248,7 @@ def propagate_statistics(graph, folds):
             out = _operation_stats(op, inputs)
         elif kind is L.PReLU:
             out = _prelu(layer, inputs[0])
-        elif kind in FOLDABLE_LAYOUTS:
+        elif linear_type(layer) is not None:
             out = _linear_stats(op, inputs[0], folds.get(id(layer)))
         elif activation_layer_spec(layer) is not None:
             out = _activated(inputs[0], activation_layer_spec(layer))

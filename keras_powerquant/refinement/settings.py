@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.search import ExponentFit
 from keras_powerquant.quantization.search import minimize_exponent
 from keras_powerquant.quantization.search import WeightErrorModel
@@ -94,7 +94,7 @@ class KernelFitter:
 
     def __init__(self, layer_plan):
         self.kernel = np.asarray(layer_plan.kernel, dtype=np.float32)
-        self.channel_ndim = QUANTIZED_CLASSES[type(layer_plan.layer)].channel_ndim
+        self.channel_ndim = linear_type(layer_plan.layer).channel_ndim
         self._models = {}
 
     def _model(self, setting, p):

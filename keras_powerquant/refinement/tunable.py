@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_powerquant.converter.builder import ModelBuilder
-from keras_powerquant.converter.layer_types import QUANTIZED_CLASSES
+from keras_powerquant.converter.registry import quantized_classes
 from keras_powerquant.layers import PowerQuantActivation
 from keras_powerquant.quantization.weights import channel_scales
 
@@ -178,7 +178,7 @@ class TunableActivation(PowerQuantActivation):
 
 
 _TUNABLE_CLASSES = {
-    cls: type(f"Tunable{cls.__name__}", (TunableKernelMixin, cls), {}) for cls in QUANTIZED_CLASSES.values()
+    cls: type(f"Tunable{cls.__name__}", (TunableKernelMixin, cls), {}) for cls in quantized_classes()
 }
 
 
