@@ -515,3 +515,28 @@ def keras_ops_model(seed=0, stats="data"):
     x = L.GlobalAveragePooling2D(name="pool")(ops.gelu(unsigned_product))
     outputs = L.Dense(5, name="classifier")(x)
     return _finish(keras.Model(inputs, outputs, name="keras_ops"), seed, stats)
+
+
+def applications_activations_model(seed=0, stats="data"):
+    """The activations keras.applications uses, each in front of a quantized layer.
+
+    swish (EfficientNet), hard_swish (MobileNetV3), exact gelu (ConvNeXt),
+    the tanh-approximate `keras.ops.gelu`, LeakyReLU, PReLU, and
+    squeeze-and-excitation gates: `Multiply([x, sigmoid(conv(pool(x)))])`.
+    """
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Activation("swish", name="swish")(_conv_bn(inputs, 8, "c_in"))
+    x = L.Activation("hard_swish", name="hard_swish")(_conv_bn(x, 8, "c_swish"))
+    x = L.Activation("gelu", name="gelu_exact")(_conv_bn(x, 8, "c_hard_swish"))
+    x = keras.ops.gelu(_conv_bn(x, 8, "c_gelu"), approximate=True)
+    x = L.LeakyReLU(negative_slope=0.1, name="leaky")(_conv_bn(x, 8, "c_gelu_tanh"))
+    x = L.PReLU(shared_axes=[1, 2], name="prelu")(_conv_bn(x, 8, "c_leaky"))
+    x = _conv_bn(x, 8, "c_prelu")
+    squeezed = L.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    gate = L.Conv2D(8, 1, activation="sigmoid", name="se_gate")(squeezed)
+    x = L.Multiply(name="se_scale")([x, gate])
+    x = L.ReLU(name="relu")(_conv_bn(x, 8, "c_se"))
+    x = L.Multiply(name="se_scale_relu")([x, gate])
+    x = _conv_bn(x, 8, "c_se_relu")
+    outputs = L.Dense(5, name="classifier")(L.GlobalAveragePooling2D(name="pool")(x))
+    return _finish(keras.Model(inputs, outputs, name="applications_activations"), seed, stats)

@@ -114,6 +114,8 @@ def _why_float(graph, op):
     """Why a layer with weights is not quantized, or None if it is."""
     layer = op.layer
     entry = linear_type(layer)
+    if type(layer) is L.PReLU:
+        return "activation with weights: runs in float, its output quantized where a quantized layer reads it"
     if entry is None or entry.quantized_class is None:
         return f"no PowerQuant layer for {type(layer).__name__}"
     if len(graph.calls(layer)) != 1:
