@@ -18,6 +18,7 @@ from keras_powerquant.limits import DEFAULT_REFINE_SAMPLES
 from keras_powerquant.limits import ROUNDING_ITERATIONS
 from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
 from keras_powerquant.quantization.validation import check_bits
+from keras_powerquant.quantization.validation import check_integer
 
 METHODS = ("powerquant", "uniform")
 SCOPES = ("layer", "network")
@@ -170,16 +171,16 @@ class ConversionConfig:
             "fast_activations": _check_flag(fast_activations, "fast_activations"),
             "weight_clipping": _check_flag(weight_clipping, "weight_clipping"),
             "bias_correction": _check_bias_correction(bias_correction),
-            "calibration_batch_size": _check_integer(calibration_batch_size, "calibration_batch_size", 1),
+            "calibration_batch_size": check_integer(calibration_batch_size, "calibration_batch_size", 1),
             "calibration_steps": None
             if calibration_steps is None
-            else _check_integer(calibration_steps, "calibration_steps", 1),
+            else check_integer(calibration_steps, "calibration_steps", 1),
             "refine": _check_refine(refine),
             "target_size": _check_target_size(target_size),
             "mean_bits": _check_mean_bits(mean_bits),
-            "refine_samples": _check_integer(refine_samples, "refine_samples", 1),
-            "refine_evaluations": _check_integer(refine_evaluations, "refine_evaluations", 0),
-            "rounding_iterations": _check_integer(rounding_iterations, "rounding_iterations", 0),
+            "refine_samples": check_integer(refine_samples, "refine_samples", 1),
+            "refine_evaluations": check_integer(refine_evaluations, "refine_evaluations", 0),
+            "rounding_iterations": check_integer(rounding_iterations, "rounding_iterations", 0),
         }
         if target_size is not None and mean_bits is not None:
             raise ValueError("Give `target_size` or `mean_bits`, not both.")
@@ -283,12 +284,6 @@ def _check_flag(value, name):
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False; got {value!r}.")
     return value
-
-
-def _check_integer(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
 
 
 def _is_number(value):

@@ -36,6 +36,7 @@ from keras_powerquant.errors import UnsupportedModelError
 from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
 from keras_powerquant.limits import DEFAULT_STEPS
 from keras_powerquant.loading import resolve_model
+from keras_powerquant.quantization.validation import check_integer
 
 logger = logging.getLogger("keras_powerquant")
 
@@ -103,16 +104,11 @@ class SyntheticData:
         return synthesize(model, progress=progress, **dataclasses.asdict(self))
 
 
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-
-
 def _check_options(num_samples, seed, steps, learning_rate, batch_size, input_range):
-    _check_int(num_samples, "num_samples", 1)
-    _check_int(seed, "seed", 0)
-    _check_int(steps, "steps", 0)
-    _check_int(batch_size, "batch_size", 1)
+    check_integer(num_samples, "num_samples", 1)
+    check_integer(seed, "seed", 0)
+    check_integer(steps, "steps", 0)
+    check_integer(batch_size, "batch_size", 1)
     if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"`learning_rate` must be a finite number > 0; got {learning_rate!r}.")
     if input_range is not None:

@@ -257,3 +257,14 @@ def test_cli_synthetic_options_need_synthetic_calibration(small, tmp_path):
                     "--synthetic-samples", "0")
     assert result.exit_code == 2
     assert os.listdir(tmp_path) == []
+
+
+def test_the_synthesis_module_imports_first_in_a_fresh_process():
+    """keras_powerquant.synthesis and the converter import each other: either may come first."""
+    import subprocess
+    import sys
+
+    code = "from keras_powerquant.synthesis import SyntheticData; import keras_powerquant as kpq; print(kpq.convert)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "function convert" in result.stdout

@@ -8,6 +8,10 @@ import numpy as np
 
 from keras_powerquant import keras_internals
 from keras_powerquant import refinement
+
+# The module, not its names: synthesis imports the converter's graph, so
+# importing keras_powerquant.synthesis first reaches here half-initialized.
+from keras_powerquant import synthesis
 from keras_powerquant.config import ConversionConfig
 from keras_powerquant.config import resolve_config
 from keras_powerquant.converter.bias_correction import analytic_corrections
@@ -32,7 +36,6 @@ from keras_powerquant.quantization.search import WeightErrorModel
 from keras_powerquant.report import ActivationReport
 from keras_powerquant.report import ConversionReport
 from keras_powerquant.report import LayerReport
-from keras_powerquant.synthesis import SyntheticData
 
 # Calibration samples kept in memory for the empirical bias correction's
 # layer-by-layer passes.
@@ -194,7 +197,7 @@ def convert(
     config = resolve_config(config, args, options)
     check_inputs(config, calibration_data, calibration_labels)
     if isinstance(calibration_data, str):
-        calibration_data = SyntheticData()
+        calibration_data = synthesis.SyntheticData()
     correction = config.bias_correction_method(calibration_data is not None)
     seconds = {}
     started = time.perf_counter()
@@ -216,12 +219,12 @@ def convert(
         reservoir = refinement.InputReservoir(config.refine_samples)
     seconds["analysis"] = time.perf_counter() - started
 
-    synthetic = calibration_data if isinstance(calibration_data, SyntheticData) else None
+    synthetic = calibration_data if isinstance(calibration_data, synthesis.SyntheticData) else None
     if synthetic is not None:
         mark = time.perf_counter()
-        synthesis = synthetic.generate(model, progress=progress)
-        inputs = synthesis.inputs
-        calibration_data, notes = (inputs[0] if len(inputs) == 1 else inputs), notes + synthesis.notes
+        generated = synthetic.generate(model, progress=progress)
+        inputs = generated.inputs
+        calibration_data, notes = (inputs[0] if len(inputs) == 1 else inputs), notes + generated.notes
         seconds["synthesis"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

@@ -30,3 +30,10 @@ def check_positive(value, name):
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a finite number > 0; got {value}.")
     return value
+
+
+def check_integer(value, name, minimum):
+    """Returns `value` as an int, or raises ValueError unless an integer (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
