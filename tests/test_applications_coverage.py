@@ -16,7 +16,6 @@ APPLICATIONS = {
     "MobileNetV3Small": ((32, 32, 3), {"alpha": 0.75, "include_preprocessing": False}),
     "EfficientNetB0": ((32, 32, 3), {}),
     "ConvNeXtTiny": ((32, 32, 3), {"include_preprocessing": False}),
-    "ResNet50V2": ((32, 32, 3), {}),
     "Xception": ((71, 71, 3), {}),
 }
 
