@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
-	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m pytest -q tests/test_layers.py
+	TF_ENABLE_ONEDNN_OPTS=0 $(BIN)/python -m pytest -q tests/test_layers.py tests/test_conv_nd.py
 
 clean:
 	rm -rf $(VENV) build

@@ -28,7 +28,8 @@ class LayerReport:
             from its bias.
         input_quantizer: name of the quantizer of its input, if any.
         input_bits: bit width of its input, None if the input stays float.
-        folded_batch_norm: name of the BatchNorm folded into it.
+        folded_batch_norm: names of the BatchNorms folded into it, comma
+            separated (one before it, folded forward, then one after it).
         clip_fraction: the kernel scale as a fraction of `max |W|` (1: no
             weight clipping).
         per_channel: the scale granularity when refinement chose it; None

@@ -347,9 +347,11 @@ def unsupported(seed=0, stats="data"):
     """Layers that must stay float, BatchNorms that must not fold, custom layers.
 
     - `sep` SeparableConv2D (+ `sep_bn`: no linear layer it folds into),
-    - `conv1d` Conv1D after a Reshape (+ `conv1d_bn`, foldable),
+    - `dw1d` DepthwiseConv1D after a Reshape (+ `dw1d_bn`, foldable; no
+      PowerQuant layer, so it stays float with its BatchNorm folded in),
     - `grouped` Conv2D(groups=2) (+ `grouped_bn`, foldable),
-    - `bn_after_relu` follows an activation,
+    - `bn_after_relu` follows an activation and precedes a 3x3 "same"
+      convolution (folding it forward would be inexact at the borders),
     - `branch_bn` follows `branch_conv`, whose output also feeds an Add,
     - `scale` (ChannelScale) and `shift` (Shifted) are custom layers.
     """
@@ -372,12 +374,56 @@ def unsupported(seed=0, stats="data"):
     x = L.ReLU(name="branch_relu")(x)
     x = Shifted(0.25, name="shift")(x)
     x = L.Reshape((64, 8), name="to_1d")(x)
-    x = L.Conv1D(8, 3, padding="same", name="conv1d")(x)
-    x = L.BatchNormalization(name="conv1d_bn")(x)
-    x = L.ReLU(name="conv1d_relu")(x)
+    x = L.DepthwiseConv1D(3, padding="same", name="dw1d")(x)
+    x = L.BatchNormalization(name="dw1d_bn")(x)
+    x = L.ReLU(name="dw1d_relu")(x)
     x = L.GlobalAveragePooling1D(name="pool")(x)
     outputs = L.Dense(3, activation="softmax", name="classifier")(x)
     return _finish(keras.Model(inputs, outputs, name="unsupported"), seed, stats)
+
+
+@_builder("layer_types")
+def layer_types(seed=0, stats="data"):
+    """Each linear layer type, BatchNorms folded backward and forward.
+
+    - `input_bn` normalizes the model input and folds forward into `stem`
+      (a "valid" 3x3 Conv2D), whose own `stem_bn` folds backward;
+    - `grouped`: Conv2D(groups=2); `conv3d`: Conv3D on the feature map
+      reshaped to (6, 6, 2, 4); `causal`: a dilated causal Conv1D;
+    - `pre_bn` follows a ReLU and folds forward into `conv1d_valid`;
+      `pad_bn` precedes a "same" Conv1D and stays (folding it is inexact);
+    - `seq_dense`: Dense on a sequence (rank-3 input), with
+      `dense_input_bn` folded forward and `seq_dense_bn` backward.
+    """
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.BatchNormalization(name="input_bn")(inputs)
+    x = L.Conv2D(8, 3, name="stem")(x)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    x = L.Conv2D(8, 3, padding="same", groups=2, use_bias=False, name="grouped")(x)
+    x = L.BatchNormalization(name="grouped_bn")(x)
+    x = L.ReLU(name="grouped_relu")(x)
+    x = L.Reshape((6, 6, 2, 4), name="to_3d")(x)
+    x = L.Conv3D(6, (3, 3, 2), padding="same", name="conv3d")(x)
+    x = L.BatchNormalization(name="conv3d_bn")(x)
+    x = L.ReLU(name="conv3d_relu")(x)
+    x = L.Reshape((36, 12), name="to_1d")(x)
+    x = L.Conv1D(8, 3, padding="causal", dilation_rate=2, name="causal")(x)
+    x = L.BatchNormalization(name="causal_bn")(x)
+    x = L.ReLU(name="causal_relu")(x)
+    x = L.BatchNormalization(name="pre_bn")(x)
+    x = L.Conv1D(8, 3, name="conv1d_valid")(x)
+    x = L.ReLU(name="conv1d_valid_relu")(x)
+    x = L.BatchNormalization(name="pad_bn")(x)
+    x = L.Conv1D(8, 3, padding="same", name="conv1d_same")(x)
+    x = L.ReLU(name="conv1d_same_relu")(x)
+    x = L.BatchNormalization(name="dense_input_bn")(x)
+    x = L.Dense(6, name="seq_dense")(x)
+    x = L.BatchNormalization(name="seq_dense_bn")(x)
+    x = L.ReLU(name="seq_dense_relu")(x)
+    x = L.GlobalAveragePooling1D(name="pool")(x)
+    outputs = L.Dense(4, activation="softmax", name="classifier")(x)
+    return _finish(keras.Model(inputs, outputs, name="layer_types"), seed, stats)
 
 
 def with_opaque_layer(seed=0, stats="data"):
@@ -416,7 +462,17 @@ EXPECTED_FOLDS = {
         )
     },
     "sequential": {"bn1": "conv1", "bn2": "conv2"},
-    "unsupported": {"stem_bn": "stem", "grouped_bn": "grouped", "conv1d_bn": "conv1d"},
+    "unsupported": {"stem_bn": "stem", "grouped_bn": "grouped", "dw1d_bn": "dw1d"},
+    "layer_types": {
+        "input_bn": "stem",
+        "stem_bn": "stem",
+        "grouped_bn": "grouped",
+        "conv3d_bn": "conv3d",
+        "causal_bn": "causal",
+        "pre_bn": "conv1d_valid",
+        "dense_input_bn": "seq_dense",
+        "seq_dense_bn": "seq_dense",
+    },
 }
 EXPECTED_KEPT = {
     "resnet": {},
@@ -427,9 +483,10 @@ EXPECTED_KEPT = {
     "sequential": {},
     "unsupported": {
         "sep_bn": "SeparableConv2D",
-        "bn_after_relu": "ReLU",
+        "bn_after_relu": "zero-pads",
         "branch_bn": "other consumers",
     },
+    "layer_types": {"pad_bn": "zero-pads"},
 }
 
 

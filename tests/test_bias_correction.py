@@ -26,6 +26,8 @@ from tests import models
         ((11, 9), (3, 3), 1, 2, "same", True),
         ((8, 8), (3, 3), 2, 1, "same", True),
         ((9, 6), (3, 2), 1, 1, "valid", False),
+        ((9,), (3,), 1, 2, "causal", False),
+        ((10,), (4,), 3, 1, "causal", False),
     ],
 )
 def test_padding_model_gives_the_exact_mean_of_a_constant_input(size, kernel, stride, dilation, padding, depthwise):
@@ -36,6 +38,10 @@ def test_padding_model_gives_the_exact_mean_of_a_constant_input(size, kernel, st
     if depthwise:
         weights = rng.normal(size=(*kernel, channels, outputs)).astype(np.float32)
         y = keras.ops.depthwise_conv(x, weights, stride, padding, dilation_rate=dilation)
+    elif padding == "causal":  # Keras' Conv1D: zeros before the sequence, then "valid"
+        weights = rng.normal(size=(*kernel, channels, outputs)).astype(np.float32)
+        padded = np.pad(x, ((0, 0), ((kernel[0] - 1) * dilation, 0), (0, 0)))
+        y = keras.ops.conv(padded, weights, stride, "valid", dilation_rate=dilation)
     else:
         weights = rng.normal(size=(*kernel, channels, outputs)).astype(np.float32)
         y = keras.ops.conv(x, weights, stride, padding, dilation_rate=dilation)
@@ -50,7 +56,20 @@ def test_invalid_layout_and_padding_are_rejected():
     with pytest.raises(ValueError, match="layout"):
         effective_kernel(np.ones((3, 2)), "grouped")
     with pytest.raises(ValueError, match="padding"):
-        tap_coverage(8, 3, padding="causal")
+        tap_coverage(8, 3, padding="full")
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_mean_output_is_the_mean_of_a_grouped_convolution(groups):
+    rng = np.random.default_rng(groups)
+    means = rng.normal(size=8)
+    x = np.broadcast_to(means, (2, 7, 7, 8)).astype(np.float32)
+    weights = rng.normal(size=(3, 3, 8 // groups, 2 * groups)).astype(np.float32)
+    y = keras.ops.conv(x, weights, 1, "same")
+    expected = keras.ops.convert_to_numpy(y).reshape(-1, y.shape[-1]).mean(axis=0)
+    coverage = [tap_coverage(7, 3, padding="same")] * 2
+    got = mean_output(effective_kernel(weights, "conv", coverage), means, "conv", groups)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def _output_means(layer, inputs, kernel, bias):

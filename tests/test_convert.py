@@ -30,7 +30,9 @@ L = keras.layers
 NAMES = sorted(M.BUILDERS)
 CONFIGS = [(8, 8, "powerquant"), (8, 8, "uniform"), (4, 4, "powerquant"), (4, 4, "uniform")]
 QUANTIZED_CLASS = {
+    "Conv1D": kpq.PowerQuantConv1D,
     "Conv2D": kpq.PowerQuantConv2D,
+    "Conv3D": kpq.PowerQuantConv3D,
     "DepthwiseConv2D": kpq.PowerQuantDepthwiseConv2D,
     "Dense": kpq.PowerQuantDense,
 }
@@ -200,12 +202,11 @@ def test_reported_error_is_the_kernel_reconstruction_error(originals, converted,
 def test_unsupported_layers_stay_float_with_reasons(originals, converted):
     model, report = converted("unsupported", 4, 4)
     reasons = {entry.name: entry.reason for entry in report.float_layers}
-    assert set(reasons) == {"sep", "grouped", "scale", "conv1d"}
+    assert set(reasons) == {"sep", "scale", "dw1d"}
     assert "SeparableConv2D" in reasons["sep"]
-    assert "groups=2" in reasons["grouped"]
     assert "ChannelScale" in reasons["scale"]
-    assert "Conv1D" in reasons["conv1d"]
-    assert {e.name for e in report.quantized_layers} == {"stem", "after_scale", "branch_conv", "classifier"}
+    assert "DepthwiseConv1D" in reasons["dw1d"]
+    assert {e.name for e in report.quantized_layers} == {"stem", "grouped", "after_scale", "branch_conv", "classifier"}
     kept = {e["batch_norm"] for e in report.unfolded_batch_norms}
     assert kept == {"sep_bn", "bn_after_relu", "branch_bn"}
     remaining = {layer.name for layer in model.layers if type(layer) is L.BatchNormalization}
@@ -224,14 +225,15 @@ def test_unsupported_layers_stay_float_with_reasons(originals, converted):
 
 
 def test_float_layers_keep_their_folded_batch_norm(originals, converted):
-    """grouped_bn and conv1d_bn fold into layers that stay float: their folded weights must be used."""
+    """dw1d_bn folds into a layer that stays float: its folded weights must be used."""
     model, report = converted("unsupported", 4, 4)
     folded_into = {e["batch_norm"]: e["into"] for e in report.folded_batch_norms}
-    assert folded_into["grouped_bn"] == "grouped" and folded_into["conv1d_bn"] == "conv1d"
+    assert folded_into["dw1d_bn"] == "dw1d"
     folded, _ = fold_batch_norms(originals["unsupported"].model)
-    for name in ("grouped", "conv1d"):
-        for got, expected in zip(model.get_layer(name).get_weights(), folded.get_layer(name).get_weights()):
-            np.testing.assert_array_equal(got, expected)
+    weights = model.get_layer("dw1d").get_weights()
+    assert len(weights) == 2
+    for got, expected in zip(weights, folded.get_layer("dw1d").get_weights()):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_layer_whose_config_does_not_round_trip_is_reused():

@@ -78,6 +78,13 @@ def test_built_models_serve_in_the_cpp_loader(cpp_loader, tmp_path):
     inputs = {"image": models.reference_inputs(mobilenet, n=8, seed=5)}
     exports.append(("mobilenet W8/A8 per-tensor, fast", path, inputs))
 
+    # Conv1D (causal), Conv3D, grouped Conv2D, Dense on sequences, BatchNorms folded forward.
+    layer_types = models.build("layer_types")
+    path, report = _export(layer_types, tmp_path / "layer_types", wbits=4, abits=4)
+    assert {"Conv1D", "Conv3D"} <= {e.class_name for e in report.quantized_layers}
+    assert {"Conv2D", "Conv3D"} <= _ops(path)
+    exports.append(("layer types W4/A4", path, {"image": models.reference_inputs(layer_types, n=8, seed=5)}))
+
     # Each form of the activation quantizer's graph, chained.
     path, _ = _export(models.activation_forms_model(), tmp_path / "forms")
     assert {"Sign", "Abs", "Log", "Exp", "Sqrt", "Square", "FakeQuantWithMinMaxArgs"} <= _ops(path)

@@ -138,14 +138,59 @@ def test_batch_norm_after_fused_activation_is_kept():
 def test_batch_norm_on_model_input_and_on_non_channel_axis_are_kept():
     def outputs(x):
         x = L.BatchNormalization(name="bn_input")(x)
-        x = L.Conv2D(4, 3, name="conv")(x)
+        x = L.Conv2D(4, 3, padding="same", name="conv")(x)
         return L.BatchNormalization(axis=1, name="bn_rows")(x)
 
     folded, folded_into, kept = _fold_case(outputs)
     assert folded_into == {}
-    assert "model input" in kept["bn_input"]
+    assert "model input" in kept["bn_input"] and "zero-pads" in kept["bn_input"]
     assert "axis" in kept["bn_rows"]
     assert _bn_names(folded) == {"bn_input", "bn_rows"}
+
+
+@pytest.mark.parametrize(
+    "make_linear, input_shape",
+    [
+        (lambda: L.Dense(5, name="linear"), (6, 6, 3)),  # Dense on a rank-4 input
+        (lambda: L.Conv2D(4, 3, strides=2, name="linear"), (7, 7, 3)),
+        (lambda: L.Conv2D(4, 1, strides=2, padding="same", name="linear"), (7, 7, 3)),
+        (lambda: L.Conv2D(4, 2, groups=2, name="linear"), (6, 6, 6)),
+        (lambda: L.DepthwiseConv2D(3, depth_multiplier=2, name="linear"), (6, 6, 3)),
+        (lambda: L.Conv1D(4, 3, dilation_rate=2, name="linear"), (9, 3)),
+        (lambda: L.Conv3D(4, 2, name="linear"), (4, 3, 4, 2)),
+        (lambda: L.Conv2D(4, 3, data_format="channels_first", name="linear"), (3, 7, 7)),
+    ],
+)
+def test_batch_norm_before_a_linear_layer_folds_forward_where_exact(make_linear, input_shape):
+    def outputs(x):
+        linear = make_linear()
+        axis = 1 if getattr(linear, "data_format", None) == "channels_first" else -1
+        x = L.BatchNormalization(axis=axis, name="bn_before")(x)
+        return L.BatchNormalization(axis=axis, name="bn_after")(linear(x))
+
+    folded, folded_into, kept = _fold_case(outputs, input_shape)
+    assert folded_into == {"bn_before": "linear", "bn_after": "linear"}
+    assert kept == {}
+    assert _bn_names(folded) == set()
+
+
+@pytest.mark.parametrize(
+    "make_linear, input_shape",
+    [
+        (lambda: L.Conv2D(4, 3, padding="same", name="linear"), (6, 6, 3)),
+        (lambda: L.Conv1D(4, 2, padding="causal", name="linear"), (9, 3)),
+        (lambda: L.DepthwiseConv2D((1, 3), padding="same", name="linear"), (6, 6, 3)),
+    ],
+)
+def test_batch_norm_before_a_padding_convolution_is_kept(make_linear, input_shape):
+    def outputs(x):
+        x = L.BatchNormalization(name="bn")(L.ReLU()(x))
+        return make_linear()(x)
+
+    folded, folded_into, kept = _fold_case(outputs, input_shape)
+    assert folded_into == {}
+    assert "ReLU" in kept["bn"] and "zero-pads" in kept["bn"] and "'linear'" in kept["bn"]
+    assert _bn_names(folded) == {"bn"}
 
 
 def test_batch_norm_after_shared_conv_is_kept():

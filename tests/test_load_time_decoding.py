@@ -151,7 +151,7 @@ def test_report_records_the_decoding_and_bad_values_are_refused(converted, tmp_p
     _, quantized, _ = converted
     result = export_model(quantized, tmp_path / "out", decode_weights="call")
     with open(result.report_path, encoding="utf-8") as file:
-        assert json.load(file)["serving"] == {"decode_weights": "call"}
+        assert json.load(file)["serving"] == {"decode_weights": "call", "warmup_requests": 0}
     with pytest.raises(ExportError, match="decode_weights"):
         export_model(quantized, tmp_path / "bad", decode_weights="never")
     assert not os.path.exists(tmp_path / "bad")

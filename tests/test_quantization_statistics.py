@@ -15,6 +15,7 @@ from scipy import special
 from scipy import stats
 
 from keras_powerquant.quantization.folding import fold_batch_norm
+from keras_powerquant.quantization.folding import fold_batch_norm_forward
 from keras_powerquant.quantization.statistics import add_gaussians
 from keras_powerquant.quantization.statistics import batchnorm_gaussians
 from keras_powerquant.quantization.statistics import ChannelGaussians
@@ -171,6 +172,17 @@ def test_linear_gaussians_depthwise(multiplier):
     assert_matches_monte_carlo(out, y.reshape(MC_SAMPLES, 5 * multiplier) + bias)
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_linear_gaussians_grouped_conv(groups):
+    rng = np.random.default_rng(13 + groups)
+    gaussians = random_gaussians(6, seed=13)
+    kernel = (0.4 * rng.standard_normal((2, 2, 6 // groups, 3 * groups))).astype(np.float32)
+    out = linear_gaussians(gaussians, kernel, None, "conv", groups)
+    x = draw(gaussians, (MC_SAMPLES, 2, 2), rng)
+    y = tf.nn.conv2d(x, kernel, strides=1, padding="VALID").numpy()  # TensorFlow's grouped convolution
+    assert_matches_monte_carlo(out, y.reshape(MC_SAMPLES, 3 * groups))
+
+
 def test_linear_gaussians_unknown_layout():
     with pytest.raises(ValueError):
         linear_gaussians(random_gaussians(2, 0), np.ones((2, 2)), None, "conv3x3")
@@ -238,6 +250,48 @@ def test_fold_batch_norm_equals_bn_after_linear(layout, kernel_shape, input_shap
     expected = batch_norm(linear, gamma, beta, mean, var, eps)
     actual = op(x, folded_kernel.astype(np.float64)) + folded_bias
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def grouped_conv_op(groups):
+    def op(x, kernel):
+        inputs = np.split(x, groups, axis=-1)
+        kernels = np.split(kernel, groups, axis=-1)
+        return np.concatenate([conv_op(a, k) for a, k in zip(inputs, kernels)], axis=-1)
+
+    return op
+
+
+@pytest.mark.parametrize(
+    "layout, groups, kernel_shape, input_shape, op",
+    [
+        ("dense", 1, (6, 4), (5, 6), dense_op),
+        ("dense", 1, (6, 4), (5, 3, 6), dense_op),  # Dense on a sequence
+        ("conv", 1, (3, 5, 4), (2, 9, 5), conv_op),  # Conv1D
+        ("conv", 1, (3, 3, 3, 8), (2, 7, 6, 3), conv_op),  # Conv2D
+        ("conv", 2, (3, 2, 2, 6), (2, 7, 6, 4), grouped_conv_op(2)),  # Conv2D(groups=2)
+        ("conv", 3, (2, 2, 2, 1, 3), (2, 4, 5, 3, 3), grouped_conv_op(3)),  # Conv3D(groups=3)
+        ("depthwise", 1, (3, 2, 3, 2), (2, 6, 5, 3), depthwise_op),
+    ],
+)
+def test_fold_batch_norm_forward_equals_linear_after_bn(layout, groups, kernel_shape, input_shape, op):
+    rng = np.random.default_rng(zlib.crc32(repr((layout, kernel_shape)).encode()))
+    kernel = rng.standard_normal(kernel_shape).astype(np.float32)
+    channels_in = input_shape[-1]
+    channels_out = int(np.prod(kernel_shape[-2:])) if layout == "depthwise" else kernel_shape[-1]
+    bias = rng.standard_normal(channels_out).astype(np.float32)
+    gamma = rng.uniform(-2.0, 2.0, channels_in)
+    beta, mean = rng.standard_normal(channels_in), rng.standard_normal(channels_in)
+    var = rng.uniform(0.0, 3.0, channels_in)
+    eps = 1e-3
+    folded_kernel, folded_bias = fold_batch_norm_forward(kernel, bias, gamma, beta, mean, var, eps, layout, groups)
+    assert folded_kernel.shape == kernel.shape and folded_bias.shape == (channels_out,)
+    x = rng.standard_normal(input_shape)
+    expected = op(batch_norm(x, gamma, beta, mean, var, eps), kernel.astype(np.float64)) + bias
+    actual = op(x, folded_kernel.astype(np.float64)) + folded_bias
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    # Without a bias, the fold creates one.
+    _, created = fold_batch_norm_forward(kernel, None, gamma, beta, mean, var, eps, layout, groups)
+    np.testing.assert_allclose(created, folded_bias - bias, rtol=1e-5, atol=1e-5)
 
 
 def test_fold_batch_norm_identity_parameters_keep_the_layer():

@@ -14,7 +14,7 @@ L = keras.layers
 _EXAMPLES = {
     L.Dense: (lambda: L.Dense(3), (2, 5)),
     L.Conv1D: (lambda: L.Conv1D(3, 2), (2, 6, 4)),
-    L.Conv2D: (lambda: L.Conv2D(3, 2, strides=2, padding="same", dilation_rate=1), (2, 6, 6, 4)),
+    L.Conv2D: (lambda: L.Conv2D(6, 2, strides=2, padding="same", groups=2), (2, 6, 6, 4)),
     L.Conv3D: (lambda: L.Conv3D(3, 2), (2, 4, 4, 4, 2)),
     L.DepthwiseConv1D: (lambda: L.DepthwiseConv1D(3, depth_multiplier=2), (2, 6, 4)),
     L.DepthwiseConv2D: (lambda: L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"), (2, 6, 6, 4)),
@@ -34,6 +34,7 @@ def test_entry_matches_its_layers(entry):
     # The layout's output channels are the layer's output channels.
     assert entry.output_channels(kernel_shape) == outputs.shape[entry.channel_axis(layer, len(outputs.shape))]
     assert entry.channels_last(layer)
+    assert entry.float_reason(layer) is None
     if entry.quantized_class is None:
         return
     assert entry.quantized_class.channel_ndim == entry.channel_ndim
@@ -61,10 +62,19 @@ def test_exact_types_only():
     assert linear_type(L.Dense(2)).layout == "dense"
 
 
-def test_grouped_conv2d_has_a_float_reason():
-    entry = linear_type(L.Conv2D(4, 1))
-    assert entry.float_reason(L.Conv2D(4, 1)) is None
-    assert entry.float_reason(L.Conv2D(4, 1, groups=2)) == "grouped convolution (groups=2)"
+def test_groups_and_zero_padding():
+    conv = L.Conv2D(4, 3, padding="same", groups=2)
+    assert linear_type(conv).groups(conv) == 2
+    assert linear_type(conv).pads_input(conv)
+    depthwise = L.DepthwiseConv2D(3, padding="valid")
+    assert linear_type(depthwise).groups(depthwise) == 1
+    assert not linear_type(depthwise).pads_input(depthwise)
+    # A 1x1 "same" convolution reads no padding; a causal one with a window does.
+    pointwise = L.Conv2D(4, 1, strides=2, padding="same")
+    assert not linear_type(pointwise).pads_input(pointwise)
+    causal = L.Conv1D(4, 2, padding="causal")
+    assert linear_type(causal).pads_input(causal)
+    assert not linear_type(L.Dense(3)).pads_input(L.Dense(3))
 
 
 def test_unknown_layout_is_refused():

@@ -68,15 +68,19 @@ def _coverage(op):
     ]
 
 
-def _kernel_sums(layer_plan, quantized_layer):
+def _shift(layer_plan, quantized_layer, input_mean, quantized_input_mean):
+    """`bias_shift` of a quantized layer from its float and quantized input means."""
     op = layer_plan.op
-    layout = linear_type(op.layer).layout
+    entry = linear_type(op.layer)
     coverage = _coverage(op)
     dequantized = keras.ops.convert_to_numpy(quantized_layer.dequantized_kernel())
-    return (
-        effective_kernel(layer_plan.kernel, layout, coverage),
-        effective_kernel(dequantized, layout, coverage),
-        layout,
+    return bias_shift(
+        effective_kernel(layer_plan.kernel, entry.layout, coverage),
+        effective_kernel(dequantized, entry.layout, coverage),
+        input_mean,
+        quantized_input_mean,
+        entry.layout,
+        entry.groups(op.layer),
     )
 
 
@@ -97,13 +101,12 @@ def analytic_corrections(plan, stats, quantized_layers):
     """
     corrections = {}
     for key, layer_plan in plan.layers.items():
-        gaussians = stats[layer_plan.op.input_key].gaussians
-        channels = layer_plan.kernel.shape[-2]
+        gaussians = stats[layer_plan.input_key].gaussians
+        channels = layer_plan.op.input_tensors[0].shape[-1]
         if gaussians is None or gaussians.channels != channels or not _channels_last(layer_plan.layer):
             corrections[key] = BiasCorrection("analytic", reason="no data-free statistics of its input")
             continue
-        kernel_sum, quantized_sum, layout = _kernel_sums(layer_plan, quantized_layers[key])
-        shift = bias_shift(kernel_sum, quantized_sum, gaussians.mean, gaussians.mean, layout)
+        shift = _shift(layer_plan, quantized_layers[key], gaussians.mean, gaussians.mean)
         corrections[key] = BiasCorrection("analytic", shift)
     return corrections
 
@@ -185,7 +188,7 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
         if not _channels_last(layer_plan.layer)
     }
     layer_keys = [key for key in plan.layers if key not in corrections]
-    input_keys = [plan.layers[key].op.input_key for key in layer_keys]
+    input_keys = [plan.layers[key].input_key for key in layer_keys]
 
     def float_inputs(inputs):
         _, kept = graph.evaluate(inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=set(input_keys))
@@ -198,8 +201,7 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
     for done, wave in enumerate(waves, start=1):
         quantized_means = dict(zip(layer_keys, _input_means(probe_sums, batches)))
         for key in wave:
-            kernel_sum, quantized_sum, layout = _kernel_sums(plan.layers[key], quantized_layers[key])
-            shift = bias_shift(kernel_sum, quantized_sum, float_means[key], quantized_means[key], layout)
+            shift = _shift(plan.layers[key], quantized_layers[key], float_means[key], quantized_means[key])
             corrections[key] = BiasCorrection("empirical", shift)
         apply_corrections(quantized_layers, {key: corrections[key] for key in wave})
         if progress is not None:

@@ -69,7 +69,7 @@ class ModelBuilder:
         self.folds = folds
         self.plan = plan
         self.per_channel = per_channel
-        self.folded_batch_norms = {id(f.batch_norm) for f in folds.values()}
+        self.folded_batch_norms = {id(bn) for f in folds.values() for bn in f.batch_norms}
         self.names = _Names()
         self.new_layers = {}
         self.input_quantizers = {}

@@ -20,6 +20,7 @@ from keras_powerquant.converter.bias_correction import empirical_corrections
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
 from keras_powerquant.converter.calibration import record_samples
+from keras_powerquant.converter.folding import fold_records
 from keras_powerquant.converter.folding import plan_folds
 from keras_powerquant.converter.graph import FlatGraph
 from keras_powerquant.converter.plan import plan_conversion
@@ -140,11 +141,12 @@ def convert(
 ):
     """Converts a trained Keras model to PowerQuant.
 
-    Folds BatchNorm into the preceding layers, fits each layer's weight
-    exponent by minimising its reconstruction error, fits each activation
-    quantizer's clip and exponent (data-free from BatchNorm statistics, or
-    on calibration data), and rebuilds the model with `PowerQuantConv2D`,
-    `PowerQuantDepthwiseConv2D`, `PowerQuantDense` and
+    Folds BatchNorm into the linear layers next to it, fits each layer's
+    weight exponent by minimising its reconstruction error, fits each
+    activation quantizer's clip and exponent (data-free from BatchNorm
+    statistics, or on calibration data), and rebuilds the model with the
+    PowerQuant layers of `converter.registry` (`PowerQuantConv1D/2D/3D`,
+    `PowerQuantDepthwiseConv2D`, `PowerQuantDense`) and
     `PowerQuantActivation` layers. Layers it does not quantize stay float and
     are reported. The input model is not modified.
 
@@ -378,16 +380,14 @@ def fold_batch_norms(model):
     folds, unfolded = plan_folds(graph)
     folded = ModelBuilder(graph, folds).build()
     report = ConversionReport(model.name, {"method": "fold"}, notes=notes)
-    report.folded_batch_norms = [{"batch_norm": f.batch_norm.name, "into": f.linear.name} for f in folds.values()]
+    report.folded_batch_norms = fold_records(folds)
     report.unfolded_batch_norms = [{"batch_norm": bn.name, "reason": why} for bn, why in unfolded]
     return folded, report
 
 
 def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=None):
     report = ConversionReport(graph.model.name, options, notes=notes, seconds=seconds)
-    report.folded_batch_norms = [
-        {"batch_norm": f.batch_norm.name, "into": f.linear.name} for f in folds.values()
-    ]
+    report.folded_batch_norms = fold_records(folds)
     report.unfolded_batch_norms = [{"batch_norm": bn.name, "reason": why} for bn, why in unfolded]
     float_reasons = {id(layer): reason for layer, reason in plan.float_layers}
     for layer in graph.layers():
@@ -412,7 +412,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=N
                     bias_shift=correction.norm if correction else None,
                     input_quantizer=quantizer.name if input_quantized else None,
                     input_bits=quantizer.bits if input_quantized else None,
-                    folded_batch_norm=layer_plan.fold.batch_norm.name if layer_plan.fold else None,
+                    folded_batch_norm=layer_plan.fold.batch_norm_names if layer_plan.fold else None,
                     clip_fraction=layer_plan.clip_fraction,
                     per_channel=layer_plan.per_channel,
                 )

@@ -1,6 +1,14 @@
-"""Which BatchNormalization layers fold into the linear layer before them."""
+"""Which BatchNormalization layers fold into a linear layer next to them.
+
+A BatchNorm folds backward into the linear layer that feeds it (`y =
+BN(W x + b)`), or, failing that, forward into the linear layer it feeds
+(`y = W BN(x) + b`, pre-activation networks) where that is exact: the
+layer must never read zero padding, which the BatchNorm would have
+shifted (Dense, "valid" convolutions, 1x1 kernels).
+"""
 
 import dataclasses
+from typing import Optional
 
 import keras
 import numpy as np
@@ -9,19 +17,48 @@ from keras_powerquant.converter.layer_types import fused_activation_spec
 from keras_powerquant.converter.layer_types import LINEAR
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.folding import fold_batch_norm
+from keras_powerquant.quantization.folding import fold_batch_norm_forward
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Fold:
-    """A BatchNorm folded into the linear layer that feeds it."""
+    """The BatchNorms folded into one linear layer.
+
+    Attributes:
+        linear: the linear layer.
+        layout: its kernel layout (see `registry`).
+        batch_norm: the BatchNorm its output feeds, or None.
+        input_batch_norm: the BatchNorm that feeds it, or None.
+        input_key: the key of `input_batch_norm`'s input, which the folded
+            layer reads instead of the BatchNorm's output; None without one.
+    """
 
     linear: keras.layers.Layer
-    batch_norm: keras.layers.BatchNormalization
     layout: str
+    batch_norm: Optional[keras.layers.BatchNormalization] = None
+    input_batch_norm: Optional[keras.layers.BatchNormalization] = None
+    input_key: Optional[tuple] = None
+
+    @property
+    def batch_norms(self):
+        """The folded BatchNorms, the input one first."""
+        return [bn for bn in (self.input_batch_norm, self.batch_norm) if bn is not None]
+
+    @property
+    def batch_norm_names(self):
+        """Their names, comma-separated (for the report)."""
+        return ", ".join(bn.name for bn in self.batch_norms)
+
+
+def _channel_axis_reason(bn, linear, rank):
+    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    if [a % rank for a in axes] != [linear_type(linear).channel_axis(linear, rank)]:
+        return f"it normalizes axis {bn.axis}, not the channel axis of '{linear.name}'"
+    return None
 
 
 def _why_not_foldable(graph, op):
-    """Reason a BatchNorm call cannot be folded, or None if it can."""
+    """Reason a BatchNorm call cannot be folded into the layer before it, or None if it can."""
     bn = op.layer
     if len(graph.calls(bn)) != 1:
         return "the BatchNormalization layer is called more than once"
@@ -29,8 +66,7 @@ def _why_not_foldable(graph, op):
     if producer is None:
         return "its input is a model input"
     linear = producer.layer
-    entry = linear_type(linear)
-    if entry is None:
+    if linear_type(linear) is None:
         return f"its input comes from {type(linear).__name__} '{linear.name}', not a Dense/Conv layer"
     if len(graph.calls(linear)) != 1:
         return f"'{linear.name}' is shared (called more than once)"
@@ -38,21 +74,38 @@ def _why_not_foldable(graph, op):
         return f"the output of '{linear.name}' has other consumers"
     if fused_activation_spec(linear) != LINEAR:
         return f"'{linear.name}' applies an activation before the BatchNormalization"
-    rank = len(producer.output_tensors[0].shape)
-    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    if [a % rank for a in axes] != [entry.channel_axis(linear, rank)]:
-        return f"it normalizes axis {bn.axis}, not the channel axis of '{linear.name}'"
-    return None
+    return _channel_axis_reason(bn, linear, len(producer.output_tensors[0].shape))
+
+
+def _linear_consumer(graph, op):
+    """The op of the linear layer that alone reads the BatchNorm's output, or None."""
+    consumer = graph.only_consumer(op.output_key)
+    if consumer is None or linear_type(consumer.layer) is None or consumer.input_keys != [op.output_key]:
+        return None
+    return consumer
+
+
+def _why_not_forward(graph, op, consumer):
+    """Reason a BatchNorm call cannot be folded into the linear layer after it, or None if it can."""
+    linear = consumer.layer
+    if len(graph.calls(linear)) != 1:
+        return f"'{linear.name}' is shared (called more than once)"
+    if linear_type(linear).pads_input(linear):
+        return (
+            f"'{linear.name}' zero-pads its input (padding '{linear.padding}', kernel {linear.kernel_size}), "
+            "where the BatchNorm's shift would be lost: folding it there is not exact"
+        )
+    return _channel_axis_reason(op.layer, linear, len(op.output_tensors[0].shape))
 
 
 def plan_folds(graph):
-    """Finds the BatchNorm calls to fold.
+    """Finds the BatchNorm calls to fold: backward first, then forward.
 
     Returns:
         `(folds, skipped)`: `folds` maps `id(linear layer)` to a `Fold`;
         `skipped` lists `(batch_norm_layer, reason)` for those left in place.
     """
-    folds, skipped, seen = {}, [], set()
+    folds, pending, seen = {}, [], set()
     for op in graph.ops:
         # A nested model called twice calls its BatchNorms twice: judge each layer once.
         if type(op.layer) is not keras.layers.BatchNormalization or id(op.layer) in seen:
@@ -61,10 +114,27 @@ def plan_folds(graph):
         reason = _why_not_foldable(graph, op)
         if reason is None:
             linear = graph.producer[op.input_key].layer
-            folds[id(linear)] = Fold(linear, op.layer, linear_type(linear).layout)
+            folds[id(linear)] = Fold(linear, linear_type(linear).layout, batch_norm=op.layer)
+        else:
+            pending.append((op, reason))
+    skipped = []
+    for op, reason in pending:
+        consumer = _linear_consumer(graph, op) if len(graph.calls(op.layer)) == 1 else None
+        forward_reason = _why_not_forward(graph, op, consumer) if consumer is not None else None
+        if consumer is not None and forward_reason is None:
+            linear = consumer.layer
+            fold = folds.get(id(linear), Fold(linear, linear_type(linear).layout))
+            folds[id(linear)] = dataclasses.replace(fold, input_batch_norm=op.layer, input_key=op.input_key)
+        elif consumer is not None:
+            skipped.append((op.layer, f"{reason}; and before '{consumer.layer.name}': {forward_reason}"))
         else:
             skipped.append((op.layer, reason))
     return folds, skipped
+
+
+def fold_records(folds):
+    """Report entries `{"batch_norm": name, "into": linear layer name}`, one per folded BatchNorm."""
+    return [{"batch_norm": bn.name, "into": f.linear.name} for f in folds.values() for bn in f.batch_norms]
 
 
 def batch_norm_parameters(bn):
@@ -78,7 +148,7 @@ def batch_norm_parameters(bn):
 
 
 def linear_weights(layer, fold=None):
-    """`(kernel, bias)` of a linear layer as float32 numpy, BatchNorm folded in if given.
+    """`(kernel, bias)` of a linear layer as float32 numpy, with `fold`'s BatchNorms folded in.
 
     `bias` is None for a layer without bias and no fold.
     """
@@ -88,7 +158,13 @@ def linear_weights(layer, fold=None):
         bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), dtype=np.float32)
     if fold is None:
         return kernel, bias
-    gamma, beta, mean, variance = batch_norm_parameters(fold.batch_norm)
-    return fold_batch_norm(
-        kernel, bias, gamma, beta, mean, variance, fold.batch_norm.epsilon, fold.layout
-    )
+    if fold.input_batch_norm is not None:
+        bn = fold.input_batch_norm
+        groups = linear_type(layer).groups(layer)
+        kernel, bias = fold_batch_norm_forward(
+            kernel, bias, *batch_norm_parameters(bn), bn.epsilon, fold.layout, groups
+        )
+    if fold.batch_norm is not None:
+        bn = fold.batch_norm
+        kernel, bias = fold_batch_norm(kernel, bias, *batch_norm_parameters(bn), bn.epsilon, fold.layout)
+    return kernel, bias

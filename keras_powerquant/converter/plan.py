@@ -1,12 +1,13 @@
 """The conversion plan: what is quantized, at which bit width, and where.
 
-Weights: every Dense, Conv2D (groups=1) and DepthwiseConv2D becomes its
-PowerQuant counterpart. Activations: each quantized layer's input must be
-quantized. When that input is an activation's output, reached through
-layers that keep values on the quantization grid (pooling by max, padding,
-flatten...), the activation itself is replaced by a `PowerQuantActivation`
-(the paper's "modified activation"); otherwise a quantizer is inserted in
-front of the layer. Activations that feed no quantized layer stay float.
+Weights: every linear layer whose type has a PowerQuant layer in
+`converter.registry` becomes that layer. Activations: each quantized
+layer's input must be quantized. When that input is an activation's
+output, reached through layers that keep values on the quantization grid
+(pooling by max, padding, flatten...), the activation itself is replaced
+by a `PowerQuantActivation` (the paper's "modified activation");
+otherwise a quantizer is inserted in front of the layer. Activations that
+feed no quantized layer stay float.
 """
 
 import dataclasses
@@ -101,6 +102,13 @@ class LayerPlan:
     @property
     def layer(self):
         return self.op.layer
+
+    @property
+    def input_key(self):
+        """The tensor the quantized layer reads: a BatchNorm folded into it from before is skipped."""
+        if self.fold is not None and self.fold.input_key is not None:
+            return self.fold.input_key
+        return self.op.input_key
 
 
 @dataclasses.dataclass
@@ -240,7 +248,7 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
     for plan in layers.values():
         if plan.input_bits is None:
             continue
-        source_key, producer = _grid_source(graph, plan.op.input_key)
+        source_key, producer = _grid_source(graph, plan.input_key)
         producer_plan = layers.get(id(producer.layer)) if producer is not None else None
         spec = activation_layer_spec(producer.layer) if producer is not None else None
         if spec is not None:
@@ -253,7 +261,7 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
             quantizer = quantizer_at(source_key, "fused", name, spec, producer.layer.name)
         else:
             quantizer = quantizer_at(
-                plan.op.input_key, "input", f"{plan.layer.name}_input_quantizer", LINEAR
+                plan.input_key, "input", f"{plan.layer.name}_input_quantizer", LINEAR
             )
         quantizer.bits = min(quantizer.bits, plan.input_bits)
         quantizer.consumers.append(plan.layer.name)

@@ -2,16 +2,18 @@
 
 An entry states everything the converter needs about a layer type: its
 kernel layout, the PowerQuant layer that replaces it, the config keys that
-layer takes over, the channel axis a following BatchNorm must normalize to
-fold into it, and why a given instance stays float. Adding a layer type is
-one entry here (plus its PowerQuant layer).
+layer takes over, the channel axis a BatchNorm must normalize to fold into
+it (from after it, or from before it where the layer reads no zero
+padding: see `converter/folding.py`), and why a given instance stays
+float. Adding a layer type is one entry here (plus its PowerQuant layer).
 
 Kernel layouts (the `layout` strings of `keras_powerquant.quantization`'s
 folding, statistics and bias correction):
 
 - "dense": `(in, out)`; one output channel per column.
-- "conv": `(*spatial, in, out)` (Conv1D/2D/3D); the last axis is the output
-  channel, the one before it the input channel.
+- "conv": `(*spatial, in // groups, out)` (Conv1D/2D/3D); the last axis is
+  the output channel, the one before it the input channel within its group
+  (output channel `o` reads input group `o // (out // groups)`).
 - "depthwise": `(*spatial, in, multiplier)`; output channel
   `i * multiplier + j` uses slice `[..., i, j]`, so the two trailing axes
   together are the output channels.
@@ -27,7 +29,9 @@ from typing import Optional
 
 import keras
 
+from keras_powerquant.layers import PowerQuantConv1D
 from keras_powerquant.layers import PowerQuantConv2D
+from keras_powerquant.layers import PowerQuantConv3D
 from keras_powerquant.layers import PowerQuantDense
 from keras_powerquant.layers import PowerQuantDepthwiseConv2D
 
@@ -35,17 +39,13 @@ L = keras.layers
 
 # Trailing kernel axes that index output channels, by layout.
 _OUTPUT_CHANNEL_NDIM = {"dense": 1, "conv": 1, "depthwise": 2}
-_CONV_KEYS = ("kernel_size", "strides", "padding", "data_format", "dilation_rate")
+_WINDOW_KEYS = ("kernel_size", "strides", "padding", "data_format", "dilation_rate")
+_CONV_KEYS = ("filters", "groups") + _WINDOW_KEYS
 
 
 def data_format_channel_axis(layer, rank):
     """Channel axis of a layer's output of `rank` dims: 1 for channels_first, else the last."""
     return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else rank - 1
-
-
-def _grouped(layer):
-    groups = getattr(layer, "groups", 1)
-    return None if groups == 1 else f"grouped convolution (groups={groups})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,16 @@ class LinearLayerType:
         # Rank 3 tells the last axis (2) from the first non-batch one (1).
         return self.channel_axis(layer, 3) == 2
 
+    def groups(self, layer):
+        """Channel groups of the layer's kernel (1 but for grouped convolutions)."""
+        return getattr(layer, "groups", 1) if self.layout == "conv" else 1
+
+    def pads_input(self, layer):
+        """Whether some output reads zero padding around the input ("same"/"causal" with a window > 1)."""
+        if self.layout == "dense" or layer.padding == "valid":
+            return False
+        return any(k > 1 for k in layer.kernel_size)
+
     def quantized_arguments(self, layer):
         """The `config_keys` arguments of `quantized_class`, from the layer's config."""
         config = layer.get_config()
@@ -103,11 +113,11 @@ class LinearLayerType:
 
 LINEAR_LAYER_TYPES = (
     LinearLayerType(L.Dense, "dense", PowerQuantDense, ("units",)),
-    LinearLayerType(L.Conv1D, "conv"),
-    LinearLayerType(L.Conv2D, "conv", PowerQuantConv2D, ("filters",) + _CONV_KEYS, float_reason=_grouped),
-    LinearLayerType(L.Conv3D, "conv"),
+    LinearLayerType(L.Conv1D, "conv", PowerQuantConv1D, _CONV_KEYS),
+    LinearLayerType(L.Conv2D, "conv", PowerQuantConv2D, _CONV_KEYS),
+    LinearLayerType(L.Conv3D, "conv", PowerQuantConv3D, _CONV_KEYS),
     LinearLayerType(L.DepthwiseConv1D, "depthwise"),
-    LinearLayerType(L.DepthwiseConv2D, "depthwise", PowerQuantDepthwiseConv2D, ("depth_multiplier",) + _CONV_KEYS),
+    LinearLayerType(L.DepthwiseConv2D, "depthwise", PowerQuantDepthwiseConv2D, ("depth_multiplier",) + _WINDOW_KEYS),
 )
 _BY_CLASS = {entry.keras_class: entry for entry in LINEAR_LAYER_TYPES}
 

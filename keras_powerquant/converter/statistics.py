@@ -7,7 +7,6 @@ other tensors are propagated from those, or are unknown.
 """
 
 import dataclasses
-import math
 from typing import Callable
 from typing import Optional
 
@@ -94,36 +93,47 @@ def _activated(stats, spec, name=None):
 
 
 def _linear_stats(op, stats_in, fold):
+    """Stats of a linear layer's output in the original graph (a BatchNorm folded into it
+    from before is still a layer of that graph: its output is `stats_in`)."""
     layer = op.layer
     entry = linear_type(layer)
-    if fold is not None:
+    if fold is not None and fold.batch_norm is not None:
         gamma, beta, _, _ = batch_norm_parameters(fold.batch_norm)
         return TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
     gaussians = stats_in.gaussians
     channels_in = op.input_tensors[0].shape[-1]
-    groups = getattr(layer, "groups", 1)
-    if gaussians is None or not entry.channels_last(layer) or groups != 1:
-        return TensorStats.unknown(stats_in.rule)
-    if gaussians.channels != channels_in:
+    if gaussians is None or not entry.channels_last(layer) or gaussians.channels != channels_in:
         return TensorStats.unknown(stats_in.rule)
     kernel, bias = linear_weights(layer)
-    pre = linear_gaussians(gaussians, kernel, bias, entry.layout)
+    pre = linear_gaussians(gaussians, kernel, bias, entry.layout, entry.groups(layer))
     return _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
 
 
 def _flattened(stats, input_shape, output_shape):
-    """Channel moments after Flatten/Reshape, when the layout allows it."""
+    """Channel moments after Flatten/Reshape (row-major, so value `f` of a
+    sample sits in input channel `f mod c` and output channel `f mod c'`).
+
+    When `c'` is a multiple of `c`, output channel `k` holds input channel
+    `k mod c`; when `c'` divides `c`, it mixes input channels `k, k + c',
+    k + 2c'...` in equal parts (moment-matched). Otherwise the channels are
+    unknown.
+    """
     gaussians = stats.gaussians
     if gaussians is None or None in input_shape[1:] or None in output_shape[1:]:
         return stats.with_gaussians(None)
-    if output_shape[-1] == input_shape[-1]:
-        return stats
-    if len(output_shape) == 2 and output_shape[-1] == math.prod(input_shape[1:]):
-        repeats = math.prod(input_shape[1:-1])
-        tiled = ChannelGaussians(
-            np.tile(gaussians.mean, repeats), np.tile(gaussians.var, repeats), gaussians.rule
+    channels, new_channels = input_shape[-1], output_shape[-1]
+    if new_channels % channels == 0:
+        repeats = new_channels // channels
+        return stats.with_gaussians(
+            ChannelGaussians(np.tile(gaussians.mean, repeats), np.tile(gaussians.var, repeats), gaussians.rule)
         )
-        return stats.with_gaussians(tiled)
+    if channels % new_channels == 0:
+        means = gaussians.mean.reshape(-1, new_channels)
+        second_moments = (gaussians.var + np.square(gaussians.mean)).reshape(-1, new_channels)
+        mean = means.mean(axis=0)
+        return stats.with_gaussians(
+            ChannelGaussians(mean, second_moments.mean(axis=0) - np.square(mean), gaussians.rule)
+        )
     return stats.with_gaussians(None)
 
 

@@ -2,7 +2,9 @@
 
 from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
 from keras_powerquant.layers.activation import PowerQuantActivation
-from keras_powerquant.layers.conv2d import PowerQuantConv2D
-from keras_powerquant.layers.conv2d import PowerQuantDepthwiseConv2D
+from keras_powerquant.layers.conv import PowerQuantConv1D
+from keras_powerquant.layers.conv import PowerQuantConv2D
+from keras_powerquant.layers.conv import PowerQuantConv3D
+from keras_powerquant.layers.conv import PowerQuantDepthwiseConv2D
 from keras_powerquant.layers.dense import PowerQuantDense
 from keras_powerquant.layers.quantized_kernel import QuantizedKernelLayer

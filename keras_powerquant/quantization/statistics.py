@@ -17,6 +17,9 @@ import numpy as np
 from scipy import special
 from scipy import stats
 
+from keras_powerquant.quantization.layouts import input_channel_index
+from keras_powerquant.quantization.layouts import to_outputs
+
 # Enough samples to fit a 8-bit quantizer well, few enough to stay fast.
 DEFAULT_TOTAL_SAMPLES = 1 << 17
 _MIN_SAMPLES_PER_CHANNEL = 64
@@ -100,30 +103,28 @@ def concatenate_gaussians(inputs, rule="propagated: concatenate"):
     )
 
 
-def linear_gaussians(gaussians, kernel, bias, layout):
+def linear_gaussians(gaussians, kernel, bias, layout, groups=1):
     """Propagates through a linear layer, inputs independent, padding ignored.
 
     Args:
         gaussians: `ChannelGaussians` of the input channels.
-        kernel: `(in, out)` for "dense", `(..., in, out)` for "conv",
-            `(kh, kw, in, multiplier)` for "depthwise".
+        kernel: `(in, out)` for "dense", `(..., in // groups, out)` for
+            "conv", `(..., in, multiplier)` for "depthwise" (see `layouts`).
         bias: `(out,)` array or None.
         layout: "dense", "conv" or "depthwise".
+        groups: channel groups of a "conv" kernel.
 
     Returns:
         `ChannelGaussians` of the output channels:
-        `mean_out = sum W mean_in + b`, `var_out = sum W^2 var_in`.
+        `mean_out = sum W mean_in + b`, `var_out = sum W^2 var_in`, the sums
+        over the taps and the input channels each output reads.
     """
     kernel = np.asarray(kernel, dtype=np.float64)
+    index = input_channel_index(kernel.shape, layout, groups)
     spatial = tuple(range(kernel.ndim - 2))
     summed, squared = kernel.sum(axis=spatial), np.square(kernel).sum(axis=spatial)
-    if layout == "depthwise":
-        mean = (gaussians.mean[:, None] * summed).ravel()
-        var = (gaussians.var[:, None] * squared).ravel()
-    elif layout in ("dense", "conv"):
-        mean, var = gaussians.mean @ summed, gaussians.var @ squared
-    else:
-        raise ValueError(f"Unknown layout {layout!r}.")
+    mean = to_outputs(gaussians.mean[index] * summed, layout)
+    var = to_outputs(gaussians.var[index] * squared, layout)
     if bias is not None:
         mean = mean + np.asarray(bias, dtype=np.float64)
     return ChannelGaussians(mean, var, f"propagated: {layout}")
