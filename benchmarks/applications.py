@@ -108,20 +108,23 @@ def markdown(result):
             f"{e['float_bytes'] / 2**20:.1f}",
             f"{e['quantized_bytes'] / 2**20:.1f} ({e['quantized_bytes'] / e['float_bytes']:.3f})",
             f"{e['quantized_kernel_layers']} / {e['kernel_layers']}",
+            f"{e['activation_quantizers']} / {e['activation_quantizers'] + e['float_activation_quantizers']}",
             _float_summary(e),
         ]
         for e in result["entries"]
     ]
-    header = ["model", "params", "convert s", "float MiB", "W4/A4 MiB (ratio)", "kernels quantized", "kept float"]
+    header = ["model", "params", "convert s", "float MiB", "W4/A4 MiB (ratio)", "kernels quantized", "inputs quantized",
+              "kept float"]
     return "\n".join(
         [
             "## keras.applications coverage (data-free W4/A4)",
             "",
             f"Command: `python benchmarks/applications.py --json benchmarks/applications.json`. {result['setting']}. "
             "Sizes are the variables' payload (element count times item size). `kernels quantized` counts the "
-            "layers holding a kernel; `kept float` lists every layer the report keeps float, with its reason "
-            "(layers without a kernel, such as LayerNormalization, included). Times are one conversion on the "
-            "shared 2-core development machine (other jobs running): upper bounds.",
+            "layers holding a kernel; `inputs quantized` counts the activation quantizers that got data-free "
+            "statistics (the others need calibration data); `kept float` lists every layer the report keeps "
+            "float, with its reason (layers without a kernel, such as LayerNormalization, included). Times are "
+            "one conversion on the shared 2-core development machine (other jobs running): upper bounds.",
             "",
             common.markdown_table(header, rows),
         ]
