@@ -7,6 +7,7 @@ other tensors are propagated from those, or are unknown.
 """
 
 import dataclasses
+import re
 from typing import Callable
 from typing import Optional
 
@@ -181,7 +182,10 @@ def _elementwise_operation(op, stats):
         args, kwargs = op.call_arguments({op.input_key: samples.T.astype(np.float32)})
         return np.asarray(keras.ops.convert_to_numpy(op.run(args, kwargs)), dtype=np.float64).T
 
-    return _activated(stats, apply, op.layer.name)
+    # Named by the operation's kind ("clip", "hard_silu"), not its instance name, which
+    # depends on how many such operations the Keras session has created.
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", keras_internals.keras_op_name(op.layer)).lower()
+    return _activated(stats, apply, kind)
 
 
 def _operation_stats(op, inputs):
