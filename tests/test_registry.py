@@ -78,5 +78,5 @@ def test_groups_and_zero_padding():
 
 
 def test_unknown_layout_is_refused():
-    with pytest.raises(ValueError, match="Unknown kernel layout"):
+    with pytest.raises(ValueError, match="Unknown layout"):
         LinearLayerType(L.Dense, "transposed")

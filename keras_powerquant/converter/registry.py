@@ -34,11 +34,12 @@ from keras_powerquant.layers import PowerQuantConv2D
 from keras_powerquant.layers import PowerQuantConv3D
 from keras_powerquant.layers import PowerQuantDense
 from keras_powerquant.layers import PowerQuantDepthwiseConv2D
+from keras_powerquant.quantization.layouts import check_layout
+from keras_powerquant.quantization.layouts import OUTPUT_CHANNEL_NDIM
 
 L = keras.layers
 
-# Trailing kernel axes that index output channels, by layout.
-_OUTPUT_CHANNEL_NDIM = {"dense": 1, "conv": 1, "depthwise": 2}
+# Config keys of the convolutions that PowerQuant layers take over.
 _WINDOW_KEYS = ("kernel_size", "strides", "padding", "data_format", "dilation_rate")
 _CONV_KEYS = ("filters", "groups") + _WINDOW_KEYS
 
@@ -78,13 +79,12 @@ class LinearLayerType:
     float_reason: Callable = lambda layer: None  # noqa: E731 - every instance is quantized
 
     def __post_init__(self):
-        if self.layout not in _OUTPUT_CHANNEL_NDIM:
-            raise ValueError(f"Unknown kernel layout {self.layout!r}; expected one of {tuple(_OUTPUT_CHANNEL_NDIM)}.")
+        check_layout(self.layout)
 
     @property
     def channel_ndim(self):
         """How many trailing kernel axes index output channels."""
-        return _OUTPUT_CHANNEL_NDIM[self.layout]
+        return OUTPUT_CHANNEL_NDIM[self.layout]
 
     def output_channels(self, kernel_shape):
         """Number of output channels of a kernel of shape `kernel_shape`."""

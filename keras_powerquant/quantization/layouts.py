@@ -14,7 +14,9 @@ vector gathered through `input_channel_index`, then `to_outputs`.
 
 import numpy as np
 
-LAYOUTS = ("dense", "conv", "depthwise")
+# Each layout and how many trailing kernel axes index its output channels.
+OUTPUT_CHANNEL_NDIM = {"dense": 1, "conv": 1, "depthwise": 2}
+LAYOUTS = tuple(OUTPUT_CHANNEL_NDIM)
 
 
 def check_layout(layout):
