@@ -23,6 +23,7 @@ import time
 
 import accuracy
 import activation_ops
+import applications
 import clip_norm
 import common
 import conversion_time
@@ -55,6 +56,7 @@ STANDALONE = {
     "synthetic_calibration": synthetic_calibration,
     "refinement_time": refinement_time,
     "refinement": refinement,
+    "applications": applications,
 }
 
 

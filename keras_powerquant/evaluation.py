@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant import keras_internals
 from keras_powerquant.errors import EvaluationDataError
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.export import existing_versions
@@ -102,7 +103,7 @@ def load_predictor(path):
             f"'{path}' has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
             "evaluation needs exactly one of each."
         )
-    structure = model._inputs_struct
+    structure = keras_internals.input_structure(model)
 
     def predict(batch):
         inputs = keras.tree.pack_sequence_as(structure, [batch])

@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
+from keras_powerquant import keras_internals
 from keras_powerquant.errors import ExportError
 from keras_powerquant.layers import QuantizedKernelLayer
 from keras_powerquant.layers.load_time_decoding import decoded_kernels
@@ -143,7 +144,7 @@ class _ServingModule(tf.Module):
     def __init__(self, model, decode_weights="load"):
         super().__init__(name="kpq_serving")
         self.model_variables = [_raw_variable(v) for v in model.variables]
-        layers = model._flatten_layers(include_self=False, recursive=True)
+        layers = keras_internals.all_layers(model)
         self.decoded_kernels = [
             DecodedKernel(layer)
             for layer in layers
@@ -152,7 +153,7 @@ class _ServingModule(tf.Module):
         input_keys = signature_keys([t.name for t in model.inputs])
         output_keys = signature_keys(list(model.output_names))
         input_dtypes = [t.dtype for t in model.inputs]
-        input_struct = model._inputs_struct
+        input_struct = keras_internals.input_structure(model)
         specs = [tf.TensorSpec(t.shape, tf.float32, name=key) for t, key in zip(model.inputs, input_keys)]
 
         @tf.function(input_signature=specs)
@@ -277,7 +278,7 @@ def check_exportable(model, formats="savedmodel"):
         )
     if formats == "keras":
         return
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in keras_internals.all_layers(model, include_self=True):
         if not isinstance(layer, keras.layers.InputLayer) and not _SCOPE_NAME.fullmatch(layer.name):
             raise ExportError(
                 f"Layer '{layer.name}' has a name TensorFlow cannot trace (allowed: letters, digits "

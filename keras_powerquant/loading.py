@@ -23,6 +23,7 @@ import h5py
 import keras
 
 from keras_powerquant import backend  # noqa: F401  (fails early on a non-TensorFlow backend)
+from keras_powerquant import keras_internals
 from keras_powerquant.errors import ModelLoadError
 from keras_powerquant.errors import UnsupportedModelError
 
@@ -133,28 +134,14 @@ def load_model(path):
 def resolve_model(model):
     """`(model, notes)` for a model or a model file, as `convert` takes it.
 
-    A path is loaded with `load_model_with_notes`; a `keras.Model` is
-    checked with `check_convertible` and comes back with no notes.
+    A path is loaded with `load_model_with_notes`; either way the model is
+    checked with `check_convertible` (a model object comes back with no notes).
     """
+    notes = []
     if isinstance(model, (str, os.PathLike)):
-        return load_model_with_notes(model)
+        model, notes = load_model_with_notes(model)
     check_convertible(model)
-    return model, []
-
-
-def has_layer_graph(model):
-    """Whether `model` computes exactly its layer graph.
-
-    True for Functional and Sequential models that keep Keras' own `call`;
-    False for subclassed models, including Functional or Sequential
-    subclasses that override `call` (their computation is Python code).
-    """
-    from keras.src.models.functional import Functional
-
-    for base in (keras.Sequential, Functional):
-        if isinstance(model, base):
-            return type(model).call is base.call
-    return False
+    return model, notes
 
 
 def check_convertible(model):
@@ -172,15 +159,16 @@ def check_convertible(model):
 
     Raises:
         UnsupportedModelError: if `model` is not a `keras.Model`, is a
-            subclassed model, or is a Sequential model without a defined
-            input shape. The message says what to do instead.
+            subclassed model, is a Sequential model without a defined
+            input shape, or was already quantized by Keras
+            (`model.quantize(...)`). The message says what to do instead.
     """
     if not isinstance(model, keras.Model):
         raise UnsupportedModelError(
             f"Expected a keras.Model, got {type(model).__name__}; load the "
             "model first, e.g. with keras_powerquant.loading.load_model(path)."
         )
-    if not has_layer_graph(model):
+    if not keras_internals.has_layer_graph(model):
         raise UnsupportedModelError(_subclassed_message(model))
     name = getattr(model, "name", "?")
     if isinstance(model, keras.Sequential):
@@ -198,6 +186,33 @@ def check_convertible(model):
                 "its first layer, or call it once on a batch of data, before "
                 "converting."
             ) from None
+    _check_not_keras_quantized(model)
+
+
+# Weight dtypes that only a quantized layer holds.
+_QUANTIZED_WEIGHT_DTYPES = ("int4", "int8", "uint8", "float8_e4m3fn", "float8_e5m2")
+
+
+def _check_not_keras_quantized(model):
+    """Refuses a model quantized by Keras' `Model.quantize`: its kernels are no float weights to fit."""
+    from keras_powerquant.layers import QuantizedKernelLayer
+
+    for layer in keras_internals.all_layers(model):
+        if isinstance(layer, QuantizedKernelLayer):
+            raise UnsupportedModelError(
+                f"Layer '{layer.name}' is already a {type(layer).__name__}: the model was converted "
+                "by keras-powerquant before. Convert the float model it came from."
+            )
+        mode = getattr(layer, "quantization_mode", None)
+        dtypes = {keras.backend.standardize_dtype(w.dtype) for w in layer.weights}
+        quantized_dtypes = sorted(dtypes.intersection(_QUANTIZED_WEIGHT_DTYPES))
+        if mode is None and not quantized_dtypes:
+            continue
+        what = f"quantization_mode={mode!r}" if mode is not None else f"{', '.join(quantized_dtypes)} weights"
+        raise UnsupportedModelError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) is already quantized by Keras ({what}), "
+            "so its float weights are gone. Convert the float model, before `model.quantize(...)`."
+        )
 
 
 def _subclassed_message(model):
@@ -297,13 +312,11 @@ def _load_keras_archive(path):
         )
     # keras.saving.load_model insists on the .keras extension; the archive
     # loader it calls accepts an open file whatever its name.
-    from keras.src.saving import saving_lib
-
     logger.info("Loading '%s' as a .keras archive (detected by content).", path)
 
     def load():
         with open(path, "rb") as fh:
-            return saving_lib.load_model(fh, compile=False, safe_mode=True)
+            return keras_internals.load_keras_archive(fh)
 
     return _call_keras(path, load)
 
@@ -313,8 +326,6 @@ def _load_keras_archive(path):
 
 
 def _load_hdf5(path, notes):
-    from keras.src.legacy.saving import legacy_h5_format
-
     try:
         src = h5py.File(path, "r")
     except OSError as exc:
@@ -336,16 +347,12 @@ def _load_hdf5(path, notes):
         if repaired == config:
             return _call_keras(
                 path,
-                lambda: legacy_h5_format.load_model_from_hdf5(
-                    src, compile=False
-                ),
+                lambda: keras_internals.load_hdf5_model(src),
             )
         with _in_memory_copy(src, repaired, path) as mem:
             return _call_keras(
                 path,
-                lambda: legacy_h5_format.load_model_from_hdf5(
-                    mem, compile=False
-                ),
+                lambda: keras_internals.load_hdf5_model(mem),
             )
 
 
@@ -584,11 +591,9 @@ def _repair_layer(layer, notes):
 @functools.cache
 def _layer_class(class_name):
     """The Keras 3 layer class the legacy loader would use, or None."""
-    from keras.src import layers as layers_module
-
     cls = keras.saving.get_registered_object(class_name)
     if cls is None:
-        cls = layers_module.__dict__.get(class_name)
+        cls = keras_internals.builtin_layer_class(class_name)
     if inspect.isclass(cls) and issubclass(cls, keras.layers.Layer):
         return cls
     return None

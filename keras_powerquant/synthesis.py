@@ -218,7 +218,7 @@ def _classifier_outputs(graph):
         op = graph.producer.get(key)
         if op is None:
             continue
-        shape = op.node.outputs[op.output_keys.index(key)].shape
+        shape = op.output_tensors[op.output_keys.index(key)].shape
         classes = shape[-1]
         if classes is None or classes < 2 or len(shape) != 2:
             continue
@@ -285,7 +285,7 @@ class _Objective:
     def __call__(self, variables, targets):
         inputs = self.inputs(variables)
         outputs, kept = self.graph.evaluate(
-            inputs, lambda op, args, kwargs: op.layer(*args, **{**kwargs, "training": False}), keep=self.keys
+            inputs, lambda op, args, kwargs: op.run(args, kwargs, training=False), keep=self.keys
         )
         batchnorm_loss = tf.constant(0.0)
         for key, axis, mean, std in self.batch_norms:
@@ -311,7 +311,7 @@ def _run_until(graph, inputs, key):
     """The value of tensor `key` for `inputs` (numpy), float64."""
     _, kept = graph.evaluate(
         [tf.constant(x) for x in inputs],
-        lambda op, args, kwargs: op.layer(*args, **{**kwargs, "training": False}),
+        lambda op, args, kwargs: op.run(args, kwargs, training=False),
         keep={key},
     )
     return keras.ops.convert_to_numpy(kept[key]).astype(np.float64)

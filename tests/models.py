@@ -546,3 +546,53 @@ def predict(model, inputs):
 def weights_of(model):
     """All weights of a model (nested models included), as numpy copies."""
     return [np.array(w.numpy()) for w in model.weights]
+
+
+def keras_ops_model(seed=0, stats="data"):
+    """Non-layer `keras.ops` calls in a Functional graph, as keras.applications makes them.
+
+    `keras.ops.relu` and `keras.ops.clip(x, 0, 6)` feed quantized layers (so
+    they become quantized activations), `keras.ops.add` joins a residual,
+    `keras.ops.mean` feeds a squeeze-and-excitation gate built like
+    MobileNetV3's hard sigmoid (`ReLU(6)(x + 3) * (1 / 6)`), `x * gate`
+    multiplies it in, and `keras.ops.gelu` (tanh approximation) feeds the head.
+    """
+    ops = keras.ops
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = _conv_bn(inputs, 8, "c1")
+    x = ops.relu(x)
+    r = _conv_bn(x, 8, "c2")
+    x = ops.clip(ops.add(x, r), 0.0, 6.0)
+    x = _conv_bn(x, 8, "c3")
+    gate = L.Conv2D(8, 1, name="gate_conv")(ops.mean(x, axis=(1, 2), keepdims=True))
+    gate = L.ReLU(6.0, name="gate_relu6")(gate + 3.0) * (1.0 / 6.0)
+    signed_product = _conv_bn(x * gate, 8, "c_signed")
+    unsigned_product = _conv_bn(ops.relu(signed_product) * gate, 8, "c_unsigned")
+    x = L.GlobalAveragePooling2D(name="pool")(ops.gelu(unsigned_product))
+    outputs = L.Dense(5, name="classifier")(x)
+    return _finish(keras.Model(inputs, outputs, name="keras_ops"), seed, stats)
+
+
+def applications_activations_model(seed=0, stats="data"):
+    """The activations keras.applications uses, each in front of a quantized layer.
+
+    swish (EfficientNet), hard_swish (MobileNetV3), exact gelu (ConvNeXt),
+    the tanh-approximate `keras.ops.gelu`, LeakyReLU, PReLU, and
+    squeeze-and-excitation gates: `Multiply([x, sigmoid(conv(pool(x)))])`.
+    """
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Activation("swish", name="swish")(_conv_bn(inputs, 8, "c_in"))
+    x = L.Activation("hard_swish", name="hard_swish")(_conv_bn(x, 8, "c_swish"))
+    x = L.Activation("gelu", name="gelu_exact")(_conv_bn(x, 8, "c_hard_swish"))
+    x = keras.ops.gelu(_conv_bn(x, 8, "c_gelu"), approximate=True)
+    x = L.LeakyReLU(negative_slope=0.1, name="leaky")(_conv_bn(x, 8, "c_gelu_tanh"))
+    x = L.PReLU(shared_axes=[1, 2], name="prelu")(_conv_bn(x, 8, "c_leaky"))
+    x = _conv_bn(x, 8, "c_prelu")
+    squeezed = L.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    gate = L.Conv2D(8, 1, activation="sigmoid", name="se_gate")(squeezed)
+    x = L.Multiply(name="se_scale")([x, gate])
+    x = L.ReLU(name="relu")(_conv_bn(x, 8, "c_se"))
+    x = L.Multiply(name="se_scale_relu")([x, gate])
+    x = _conv_bn(x, 8, "c_se_relu")
+    outputs = L.Dense(5, name="classifier")(L.GlobalAveragePooling2D(name="pool")(x))
+    return _finish(keras.Model(inputs, outputs, name="applications_activations"), seed, stats)

@@ -63,8 +63,8 @@ def _coverage(op):
     if entry.layout == "dense" or not _channels_last(layer):
         return None
     if entry.tap_coverage is not None:
-        return entry.tap_coverage(layer, op.node.input_tensors[0].shape, op.node.outputs[0].shape)
-    sizes = op.node.input_tensors[0].shape[1:-1]
+        return entry.tap_coverage(layer, op.input_tensors[0].shape, op.output_tensors[0].shape)
+    sizes = op.input_tensors[0].shape[1:-1]
     return [
         tap_coverage(size, k, s, d, layer.padding)
         for size, k, s, d in zip(sizes, layer.kernel_size, layer.strides, layer.dilation_rate)
@@ -105,7 +105,7 @@ def analytic_corrections(plan, stats, quantized_layers):
     corrections = {}
     for key, layer_plan in plan.layers.items():
         gaussians = stats[layer_plan.input_key].gaussians
-        channels = layer_plan.op.node.input_tensors[0].shape[-1]
+        channels = layer_plan.op.input_tensors[0].shape[-1]
         if gaussians is None or gaussians.channels != channels or not _channels_last(layer_plan.layer):
             corrections[key] = BiasCorrection("analytic", reason="no data-free statistics of its input")
             continue

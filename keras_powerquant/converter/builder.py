@@ -2,8 +2,8 @@
 
 import keras
 
+from keras_powerquant import keras_internals
 from keras_powerquant.converter.folding import linear_weights
-from keras_powerquant.converter.graph import functional_of
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.layers import PowerQuantActivation
 
@@ -88,16 +88,15 @@ class ModelBuilder:
             outputs = self._call(op, values)
             for key, value in zip(op.output_keys, keras.tree.flatten(outputs)):
                 values[key] = value
-        functional = functional_of(graph.model)
         # Keras 2 files describe one input as a one-element list, which makes
         # Keras 3 warn on every call with a plain tensor: give it the tensor.
-        input_struct = functional._inputs_struct
+        input_struct = keras_internals.input_structure(graph.model)
         if isinstance(input_struct, (list, tuple)) and len(input_struct) == 1:
             input_struct = input_struct[0]
         return keras.Model(
             inputs=keras.tree.pack_sequence_as(input_struct, inputs),
             outputs=keras.tree.pack_sequence_as(
-                functional._outputs_struct, [values[k] for k in graph.output_keys]
+                keras_internals.output_structure(graph.model), [values[k] for k in graph.output_keys]
             ),
             name=graph.model.name,
         )
@@ -173,6 +172,6 @@ class ModelBuilder:
             self.new_layers[id(layer)] = new
         new = self.new_layers[id(layer)]
         outputs = new(*args, **kwargs)
-        if first_call and new is not layer and layer.weights:
+        if first_call and new is not layer and op.is_layer and layer.weights:
             new.set_weights(layer.get_weights())
         return outputs

@@ -6,6 +6,7 @@ import time
 import keras
 import numpy as np
 
+from keras_powerquant import keras_internals
 from keras_powerquant import refinement
 
 # The module, not its names: synthesis imports the converter's graph, so
@@ -44,7 +45,7 @@ BIAS_CORRECTION_SAMPLES = 256
 
 def _check_weights(model):
     """Raises InvalidModelError, naming the layer, for weights no model can compute with."""
-    layers = model._flatten_layers(include_self=False, recursive=True)
+    layers = keras_internals.all_layers(model)
     # Leaf layers first: a nested model's weights include its layers' weights,
     # and the message must name the layer that holds the bad weight.
     for layer in sorted(layers, key=lambda layer: isinstance(layer, keras.Model)):

@@ -74,7 +74,7 @@ def _why_not_foldable(graph, op):
         return f"the output of '{linear.name}' has other consumers"
     if fused_activation_spec(linear) != LINEAR:
         return f"'{linear.name}' applies an activation before the BatchNormalization"
-    return _channel_axis_reason(bn, linear, len(producer.node.outputs[0].shape))
+    return _channel_axis_reason(bn, linear, len(producer.output_tensors[0].shape))
 
 
 def _linear_consumer(graph, op):
@@ -95,7 +95,7 @@ def _why_not_forward(graph, op, consumer):
             f"'{linear.name}' zero-pads its input (padding '{linear.padding}', kernel {linear.kernel_size}), "
             "where the BatchNorm's shift would be lost: folding it there is not exact"
         )
-    return _channel_axis_reason(op.layer, linear, len(op.node.outputs[0].shape))
+    return _channel_axis_reason(op.layer, linear, len(op.output_tensors[0].shape))
 
 
 def plan_folds(graph):

@@ -2,32 +2,23 @@
 
 Nested Functional and Sequential models are expanded inline, so the
 analyses (which BatchNorm folds where, which tensors feed quantized layers,
-data-free statistics) see one DAG of leaf layers. Tensors are identified by
-keys `(scope, id(keras_tensor))`, where the scope names the chain of
-nested-model calls, so a nested model called twice gives two sets of keys.
-A SeparableConv2D call appears as the depthwise and pointwise layers it
+data-free statistics) see one DAG of leaf operations: layers, and the
+`keras.ops` calls that are not layers (`x + y`, `keras.ops.mean(x)`...),
+which are carried over into the converted model as they are. Tensors are
+identified by keys `(scope, id(keras_tensor))`, where the scope names the
+chain of nested-model calls, so a nested model called twice gives two sets
+of keys. The graph is read through `keras_powerquant.keras_internals`. A
+SeparableConv2D call appears as the depthwise and pointwise layers it
 computes (see `separable`).
-
-This relies on the graph structure Keras 3 itself uses in
-`keras.models.clone_model`: `Functional._nodes_by_depth`, `Node.arguments`
-and `Node.outputs`.
 """
 
 import dataclasses
 
 import keras
 
+from keras_powerquant import keras_internals
 from keras_powerquant.converter.separable import is_separable
 from keras_powerquant.converter.separable import SeparableSplitter
-from keras_powerquant.loading import has_layer_graph
-
-
-def functional_of(model):
-    """The Functional graph behind a Functional or built Sequential model.
-
-    The model must pass `keras_powerquant.loading.check_convertible`.
-    """
-    return model._functional if isinstance(model, keras.Sequential) else model
 
 
 def is_graph_model(layer):
@@ -35,15 +26,16 @@ def is_graph_model(layer):
 
     A nested model that overrides `call` stays one opaque layer.
     """
-    return has_layer_graph(layer)
+    return keras_internals.has_layer_graph(layer)
 
 
 @dataclasses.dataclass(eq=False)
 class Op:
-    """One call of a leaf layer.
+    """One call of a leaf layer or operation.
 
     Attributes:
-        layer: the Keras layer.
+        layer: the Keras layer, or the `keras.ops` operation when
+            `is_layer` is False (it has no weights, config or `training`).
         node: the Keras `Node` of this call.
         input_keys: keys of the flattened input tensors.
         output_keys: keys of the flattened output tensors.
@@ -56,10 +48,29 @@ class Op:
     output_keys: list
     index: int
 
+    @property
+    def is_layer(self):
+        return keras_internals.is_layer(self.layer)
+
+    @property
+    def input_tensors(self):
+        """The KerasTensors this call takes, flattened (as `input_keys`)."""
+        return keras_internals.node_inputs(self.node)
+
+    @property
+    def output_tensors(self):
+        """The KerasTensors this call produces, flattened (as `output_keys`)."""
+        return keras_internals.node_outputs(self.node)
+
     def call_arguments(self, values):
         """`(args, kwargs)` of this call with input tensors taken from `values[key]`."""
-        by_id = {id(t): values[k] for t, k in zip(self.node.input_tensors, self.input_keys)}
-        return self.node.arguments.fill_in(by_id)
+        return keras_internals.node_call_arguments(self.node, [values[k] for k in self.input_keys])
+
+    def run(self, args, kwargs, training=None):
+        """Calls the layer or operation; `training`, when given, reaches layers only."""
+        if training is not None and self.is_layer:
+            kwargs = {**kwargs, "training": training}
+        return self.layer(*args, **kwargs)
 
     @property
     def input_key(self):
@@ -86,7 +97,7 @@ class FlatGraph:
 
     def __init__(self, model):
         self.model = model
-        graph = functional_of(model)
+        graph = keras_internals.functional_of(model)
         self.input_tensors = list(graph.inputs)
         self.input_keys = [((), id(t)) for t in self.input_tensors]
         self.ops = []
@@ -106,33 +117,32 @@ class FlatGraph:
 
     def _expand(self, graph, scope, input_keys):
         keys = {id(t): k for t, k in zip(graph.inputs, input_keys)}
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                if node.operation is None or node.is_input:
-                    continue
-                node_inputs = [keys[id(t)] for t in node.input_tensors]
-                layer = node.operation
-                if is_graph_model(layer):
-                    inner_scope = scope + ((layer.name, id(node)),)
-                    outputs = self._expand(functional_of(layer), inner_scope, node_inputs)
-                elif is_separable(layer):
-                    outputs = self._append_split(layer, node, scope, node_inputs)
-                else:
-                    outputs = [(scope, id(t)) for t in node.outputs]
-                    self.ops.append(Op(layer, node, node_inputs, outputs, len(self.ops)))
-                for tensor, key in zip(node.outputs, outputs):
-                    keys[id(tensor)] = key
+        for node in keras_internals.graph_nodes(graph):
+            node_inputs = [keys[id(t)] for t in keras_internals.node_inputs(node)]
+            layer = keras_internals.node_operation(node)
+            node_outputs = keras_internals.node_outputs(node)
+            if is_graph_model(layer):
+                inner_scope = scope + ((layer.name, id(node)),)
+                outputs = self._expand(keras_internals.functional_of(layer), inner_scope, node_inputs)
+            elif is_separable(layer):
+                outputs = self._append_split(layer, node, scope, node_inputs)
+            else:
+                outputs = [(scope, id(t)) for t in node_outputs]
+                self.ops.append(Op(layer, node, node_inputs, outputs, len(self.ops)))
+            for tensor, key in zip(node_outputs, outputs):
+                keys[id(tensor)] = key
         return [keys[id(t)] for t in graph.outputs]
 
     def _append_split(self, layer, node, scope, input_keys):
         """Appends the depthwise and pointwise calls a SeparableConv2D call computes (see `separable`)."""
-        tensor, parts = self._split_separable(layer, node.input_tensors[0])
+        tensor, parts = self._split_separable(layer, keras_internals.node_inputs(node)[0])
         keys = {id(tensor): input_keys[0]}
         for part in parts:
-            part_node = part._inbound_nodes[-1]
-            outputs = [(scope, id(t)) for t in part_node.outputs]
-            self.ops.append(Op(part, part_node, [keys[id(part_node.input_tensors[0])]], outputs, len(self.ops)))
-            keys[id(part_node.outputs[0])] = outputs[0]
+            part_node = keras_internals.last_node(part)
+            part_inputs, part_outputs = keras_internals.node_inputs(part_node), keras_internals.node_outputs(part_node)
+            outputs = [(scope, id(t)) for t in part_outputs]
+            self.ops.append(Op(part, part_node, [keys[id(part_inputs[0])]], outputs, len(self.ops)))
+            keys[id(part_outputs[0])] = outputs[0]
         return outputs
 
     def calls(self, layer):
@@ -147,10 +157,10 @@ class FlatGraph:
         return None
 
     def layers(self):
-        """Distinct leaf layers, in order of first call."""
+        """Distinct leaf layers (not other operations), in order of first call."""
         seen, layers = set(), []
         for op in self.ops:
-            if id(op.layer) not in seen:
+            if op.is_layer and id(op.layer) not in seen:
                 seen.add(id(op.layer))
                 layers.append(op.layer)
         return layers

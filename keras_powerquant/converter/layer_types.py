@@ -9,6 +9,9 @@ import dataclasses
 
 import keras
 
+from keras_powerquant import keras_internals
+from keras_powerquant.converter.operations import is_grid_preserving_operation
+from keras_powerquant.converter.operations import operation_activation_spec
 from keras_powerquant.quantization.activation_functions import NONNEGATIVE_ACTIVATIONS
 from keras_powerquant.quantization.activation_functions import NUMPY_ACTIVATIONS
 from keras_powerquant.quantization.activation_functions import relu
@@ -63,6 +66,8 @@ SIGN_PRESERVING = GRID_PRESERVING + (
 
 
 def is_grid_preserving(layer):
+    if not keras_internals.is_layer(layer):
+        return is_grid_preserving_operation(layer)
     if type(layer) is L.UpSampling2D or type(layer) is L.UpSampling3D:
         return getattr(layer, "interpolation", "nearest") == "nearest"
     return type(layer) in GRID_PRESERVING or type(layer) is L.UpSampling1D
@@ -119,6 +124,12 @@ def _relu_spec(max_value=None, negative_slope=0.0, threshold=0.0):
     return ActivationSpec("relu", max_value, float(negative_slope), float(threshold))
 
 
+def _spec_of_name(name, max_value=None, negative_slope=0.0):
+    if name == "relu":
+        return _relu_spec(max_value, negative_slope)
+    return ActivationSpec(name)
+
+
 def spec_of_function(function):
     """`ActivationSpec` of a Keras activation function, or None if unsupported."""
     if function is None:
@@ -130,7 +141,9 @@ def spec_of_function(function):
 
 
 def activation_layer_spec(layer):
-    """`ActivationSpec` of an activation layer, or None if it is not one we handle."""
+    """`ActivationSpec` of an activation layer or `keras.ops` activation, or None if it is not one we handle."""
+    if not keras_internals.is_layer(layer):
+        return operation_activation_spec(layer, _spec_of_name)
     if type(layer) is L.ReLU:
         return _relu_spec(layer.max_value, layer.negative_slope, layer.threshold)
     if type(layer) is L.LeakyReLU:

@@ -23,6 +23,7 @@ from keras_powerquant.converter.layer_types import fused_activation_spec
 from keras_powerquant.converter.layer_types import is_grid_preserving
 from keras_powerquant.converter.layer_types import is_sign_preserving
 from keras_powerquant.converter.layer_types import LINEAR
+from keras_powerquant.converter.operations import output_nonnegative
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.search import ActivationFit
 from keras_powerquant.quantization.search import ExponentFit
@@ -121,6 +122,8 @@ def _why_float(graph, op):
     """Why a layer with weights is not quantized, or None if it is."""
     layer = op.layer
     entry = linear_type(layer)
+    if type(layer) is L.PReLU:
+        return "activation with weights: runs in float, its output quantized where a quantized layer reads it"
     if entry is None or entry.quantized_class is None:
         return f"no PowerQuant layer for {type(layer).__name__}"
     if len(graph.calls(layer)) != 1:
@@ -145,7 +148,9 @@ def _nonnegative_keys(graph):
     for op in graph.ops:
         layer = op.layer
         spec = activation_layer_spec(layer)
-        if spec is not None:
+        if not op.is_layer:
+            result = output_nonnegative(op, [k in nonnegative for k in op.input_keys], spec)
+        elif spec is not None:
             result = spec.nonnegative
         elif linear_type(layer) is not None or hasattr(layer, "kernel"):
             spec = fused_activation_spec(layer)
@@ -208,7 +213,7 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
     """
     candidates, float_layers = {}, []
     for op in graph.ops:
-        if not op.layer.weights or type(op.layer) is L.BatchNormalization:
+        if not op.is_layer or not op.layer.weights or type(op.layer) is L.BatchNormalization:
             continue
         reason = _why_float(graph, op)
         if reason is None:

@@ -8,18 +8,21 @@ other tensors are propagated from those, or are unknown.
 
 import dataclasses
 import functools
+import re
 from typing import Callable
 from typing import Optional
 
 import keras
 import numpy as np
 
+from keras_powerquant import keras_internals
 from keras_powerquant.converter.folding import batch_norm_parameters
 from keras_powerquant.converter.folding import linear_weights
 from keras_powerquant.converter.layer_types import activation_layer_spec
 from keras_powerquant.converter.layer_types import fused_activation_spec
 from keras_powerquant.converter.layer_types import is_sign_preserving
 from keras_powerquant.converter.layer_types import LINEAR
+from keras_powerquant.converter.operations import is_elementwise
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.statistics import add_gaussians
 from keras_powerquant.quantization.statistics import batchnorm_gaussians
@@ -70,16 +73,22 @@ class TensorStats:
         return dataclasses.replace(self, gaussians=gaussians)
 
 
-def _activated(stats, spec):
-    """Pushes stats through an elementwise activation."""
+def _activated(stats, spec, name=None):
+    """Pushes stats through an elementwise activation.
+
+    Args:
+        stats: the input's `TensorStats`.
+        spec: an `ActivationSpec`, or a numpy function of `(channels, n)`
+            samples (then `name` names it).
+    """
     if spec is None:
         return TensorStats.unknown("unknown: activation without a numpy model")
     if spec == LINEAR:
         return stats
     if stats.gaussians is None:
         return TensorStats.unknown(stats.rule)
-    rule = f"{stats.rule} -> {spec.name}"
-    fn = spec.numpy_function()
+    fn = spec if callable(spec) else spec.numpy_function()
+    rule = f"{stats.rule} -> {name or spec.name}"
     _, gaussians = stats.gaussians.map(fn, rule)
     pre = stats.gaussians
     return TensorStats(gaussians, lambda: fn(_fit_samples(pre)).ravel(), rule)
@@ -94,13 +103,13 @@ def _linear_stats(op, stats_in, fold):
         gamma, beta, _, _ = batch_norm_parameters(fold.batch_norm)
         return TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
     gaussians = stats_in.gaussians
-    channels_in = op.node.input_tensors[0].shape[-1]
+    channels_in = op.input_tensors[0].shape[-1]
     if gaussians is None or not entry.channels_last(layer) or gaussians.channels != channels_in:
         return TensorStats.unknown(stats_in.rule)
     kernel, bias = linear_weights(layer)
     tap_weights = None
     if entry.tap_coverage is not None:
-        coverage = entry.tap_coverage(layer, op.node.input_tensors[0].shape, op.node.outputs[0].shape)
+        coverage = entry.tap_coverage(layer, op.input_tensors[0].shape, op.output_tensors[0].shape)
         tap_weights = functools.reduce(np.multiply.outer, coverage)
     pre = linear_gaussians(gaussians, kernel, bias, entry.layout, entry.groups(layer), tap_weights)
     return _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
@@ -140,14 +149,82 @@ def _merged(op, inputs):
         return TensorStats.unknown(f"unknown: input of {type(layer).__name__} '{layer.name}' unknown")
     if type(layer) is L.Add:
         return TensorStats.of_gaussians(add_gaussians([s.gaussians for s in inputs]))
+    if type(layer) is L.Multiply:
+        return _product(inputs)
     if type(layer) is L.Average:
         n = len(inputs)
         summed = add_gaussians([s.gaussians for s in inputs], "propagated: average")
         return TensorStats.of_gaussians(ChannelGaussians(summed.mean / n, summed.var / n**2, summed.rule))
-    rank = len(op.node.outputs[0].shape)
+    rank = len(op.output_tensors[0].shape)
     if type(layer) is L.Concatenate and layer.axis % rank == rank - 1:
         return TensorStats.of_gaussians(concatenate_gaussians([s.gaussians for s in inputs]))
     return TensorStats.unknown(f"unknown: no statistics rule for {type(layer).__name__}")
+
+
+def _product(inputs):
+    """Moments of a product of independent channels (squeeze-and-excitation gates)."""
+    gaussians = [s.gaussians for s in inputs]
+    if len({g.channels for g in gaussians}) != 1:
+        return TensorStats.unknown("unknown: product of tensors with different channels")
+    mean, second = np.ones_like(gaussians[0].mean), np.ones_like(gaussians[0].mean)
+    for g in gaussians:
+        mean, second = mean * g.mean, second * (g.var + np.square(g.mean))
+    rule = "propagated: product"
+    return TensorStats.of_gaussians(ChannelGaussians(mean, second - np.square(mean), rule))
+
+
+def _elementwise_operation(op, stats):
+    """Pushes stats through a one-input `keras.ops` operation by running it on samples."""
+    if stats.gaussians is None:
+        return TensorStats.unknown(stats.rule)
+    channels = stats.gaussians.channels
+    for constant in keras_internals.node_constants(op.node):
+        shape = np.shape(constant)
+        if any(n != 1 for n in shape[:-1]) or (shape and shape[-1] not in (1, channels)):
+            return TensorStats.unknown(f"unknown: constants of '{op.layer.name}' are not per channel")
+
+    def apply(samples):  # samples: (channels, n); the operation broadcasts along the last axis
+        args, kwargs = op.call_arguments({op.input_key: samples.T.astype(np.float32)})
+        return np.asarray(keras.ops.convert_to_numpy(op.run(args, kwargs)), dtype=np.float64).T
+
+    # Named by the operation's kind ("clip", "hard_silu"), not its instance name, which
+    # depends on how many such operations the Keras session has created.
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", keras_internals.keras_op_name(op.layer)).lower()
+    return _activated(stats, apply, kind)
+
+
+def _operation_stats(op, inputs):
+    """Statistics of the output of a `keras.ops` operation that is not a layer."""
+    name = keras_internals.keras_op_name(op.layer)
+    in_shape, out_shape = op.input_tensors[0].shape, op.output_tensors[0].shape
+    if is_elementwise(op) and tuple(in_shape) == tuple(out_shape):
+        return _elementwise_operation(op, inputs[0])
+    if any(s.gaussians is None for s in inputs):
+        return TensorStats.unknown(f"unknown: input of '{op.layer.name}' unknown")
+    if name in ("Add", "Subtract") and len(inputs) == 2:
+        first, second = inputs[0].gaussians, inputs[1].gaussians
+        if first.channels == second.channels:
+            mean = first.mean + second.mean if name == "Add" else first.mean - second.mean
+            rule = f"propagated: {name.lower()}"
+            return TensorStats.of_gaussians(ChannelGaussians(mean, first.var + second.var, rule))
+    if name == "Multiply" and len(inputs) == 2:
+        return _product(inputs)
+    if name in ("Reshape", "ExpandDims", "Squeeze"):
+        return _flattened(inputs[0], in_shape, out_shape)
+    if name in ("Mean", "Max") and len(inputs) == 1 and in_shape[-1] == out_shape[-1]:
+        axes = op.layer.axis if isinstance(op.layer.axis, (tuple, list)) else (op.layer.axis,)
+        if op.layer.axis is not None and all(a % len(in_shape) != len(in_shape) - 1 for a in axes):
+            # As pooling: averaging over positions only narrows the distribution.
+            return inputs[0]
+    return TensorStats.unknown(f"unknown: no statistics rule for operation {type(op.layer).__name__}")
+
+
+def _prelu(layer, stats):
+    alpha = keras.ops.convert_to_numpy(layer.alpha).astype(np.float64)
+    if stats.gaussians is None or alpha.size != stats.gaussians.channels or alpha.shape[-1] != alpha.size:
+        return TensorStats.unknown(f"unknown: PReLU '{layer.name}' with alphas not per channel")
+    alpha = alpha.reshape(-1, 1)
+    return _activated(stats, lambda x: np.where(x >= 0, x, alpha * x), f"prelu '{layer.name}'")
 
 
 def _rescaled(layer, stats):
@@ -179,28 +256,32 @@ def propagate_statistics(graph, folds):
         inputs = [stats[k] for k in op.input_keys]
         kind = type(layer)
         if kind is L.BatchNormalization:
-            rank = len(op.node.outputs[0].shape)
+            rank = len(op.output_tensors[0].shape)
             axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
             if axis % rank == rank - 1:
                 gamma, beta, _, _ = batch_norm_parameters(layer)
                 out = TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
             else:
                 out = TensorStats.unknown("unknown: BatchNormalization not on the last axis")
+        elif not op.is_layer:
+            out = _operation_stats(op, inputs)
+        elif kind is L.PReLU:
+            out = _prelu(layer, inputs[0])
         elif linear_type(layer) is not None:
             out = _linear_stats(op, inputs[0], folds.get(id(layer)))
         elif activation_layer_spec(layer) is not None:
             out = _activated(inputs[0], activation_layer_spec(layer))
-        elif kind in (L.Add, L.Average, L.Concatenate):
+        elif kind in (L.Add, L.Average, L.Concatenate, L.Multiply):
             out = _merged(op, inputs)
         elif kind is L.Rescaling:
             out = _rescaled(layer, inputs[0])
         elif kind in (L.Flatten, L.Reshape):
-            out = _flattened(inputs[0], op.node.input_tensors[0].shape, op.node.outputs[0].shape)
+            out = _flattened(inputs[0], op.input_tensors[0].shape, op.output_tensors[0].shape)
         elif len(inputs) == 1 and is_sign_preserving(layer):
             # Pooling, padding, dropout...: the value distribution is kept
             # (averaging only narrows it, so this errs on the wide side).
             out = inputs[0]
-            if op.node.outputs[0].shape[-1] != op.node.input_tensors[0].shape[-1]:
+            if op.output_tensors[0].shape[-1] != op.input_tensors[0].shape[-1]:
                 out = out.with_gaussians(None)
         else:
             out = TensorStats.unknown(f"unknown: no statistics rule for {kind.__name__} '{layer.name}'")
