@@ -7,6 +7,9 @@ import pytest
 
 import keras_powerquant as kpq
 from keras_powerquant.converter.registry import linear_type
+from keras_powerquant.converter.separable import DEPTHWISE_SUFFIX
+from keras_powerquant.converter.separable import is_separable
+from keras_powerquant.converter.separable import POINTWISE_SUFFIX
 from keras_powerquant.keras_internals import all_layers
 
 KERNEL_ATTRIBUTES = ("kernel", "depthwise_kernel", "pointwise_kernel")
@@ -35,7 +38,9 @@ def test_every_kernel_of_a_supported_type_is_quantized(name):
     assert kernels
     for layer in kernels:
         entry = linear_type(layer)
-        if entry is not None and entry.quantized_class is not None and entry.float_reason(layer) is None:
+        if is_separable(layer):  # quantized as the two layers it is split into
+            assert {layer.name + DEPTHWISE_SUFFIX, layer.name + POINTWISE_SUFFIX} <= quantized, layer.name
+        elif entry is not None and entry.quantized_class is not None and entry.float_reason(layer) is None:
             assert layer.name in quantized, (layer.name, float_reasons.get(layer.name))
         else:
             assert float_reasons.get(layer.name), layer.name
