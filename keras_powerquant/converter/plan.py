@@ -118,12 +118,19 @@ class ConversionPlan:
     float_layers: list  # (layer, reason)
 
 
+def _has_kernel(layer):
+    return any(weight.name.endswith("kernel") for weight in layer.weights)
+
+
 def _why_float(graph, op):
     """Why a layer with weights is not quantized, or None if it is."""
     layer = op.layer
     entry = linear_type(layer)
     if type(layer) is L.PReLU:
         return "activation with weights: runs in float, its output quantized where a quantized layer reads it"
+    if entry is None and not _has_kernel(layer):
+        # Normalization scales, LayerScale factors...: quantizing them saves little and risks much.
+        return f"{type(layer).__name__} has no kernel to quantize (its weights stay float32)"
     if entry is None or entry.quantized_class is None:
         return f"no PowerQuant layer for {type(layer).__name__}"
     if len(graph.calls(layer)) != 1:
