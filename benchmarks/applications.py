@@ -46,6 +46,12 @@ def kernel_layers(model):
     ]
 
 
+def _is_quantized(layer, quantized_names):
+    """Whether the report quantizes `layer`; a SeparableConv2D is quantized as its two split parts."""
+    parts = (f"{layer.name}_depthwise", f"{layer.name}_pointwise")
+    return layer.name in quantized_names or all(part in quantized_names for part in parts)
+
+
 def _measure(name, constructor):
     keras.utils.set_random_seed(common.SEED)
     model = constructor(weights=None, input_shape=(224, 224, 3))
@@ -61,11 +67,11 @@ def _measure(name, constructor):
         "float_bytes": variable_bytes(model),
         "quantized_bytes": variable_bytes(quantized),
         "kernel_layers": len(kernels),
-        "quantized_kernel_layers": sum(layer.name in quantized_names for layer in kernels),
+        "quantized_kernel_layers": sum(_is_quantized(layer, quantized_names) for layer in kernels),
         "float_kernel_layers": [
             {"name": layer.name, "class": type(layer).__name__}
             for layer in kernels
-            if layer.name not in quantized_names
+            if not _is_quantized(layer, quantized_names)
         ],
         "float_layers": [
             {"name": layer.name, "class": layer.class_name, "reason": layer.reason} for layer in report.float_layers
