@@ -31,14 +31,6 @@ CALIBRATIONS = ("data-free", "calibrated")
 # (label, weight_clipping, p); the first is the default every row is compared with.
 FITS = [("default (p = 2, no clip)", False, 2.0), ("clip, p = 2", True, 2.0), ("clip, p = 3", True, 3.0),
         ("clip, p = 4", True, 4.0)]
-BATCH_SIZE = 256
-
-
-def _hits(model, x, y):
-    batches = (x[i : i + BATCH_SIZE] for i in range(0, len(x), BATCH_SIZE))
-    scores = np.concatenate([np.asarray(model(batch, training=False)) for batch in batches])
-    return np.argmax(scores, axis=1) == y
-
 
 def _mean_clip(report):
     fractions = [layer.clip_fraction for layer in report.quantized_layers if layer.clip_fraction is not None]
@@ -64,7 +56,7 @@ def run(quick=False):
                     quantized, report = common.convert_variant(
                         model, wbits, abits, method, calibration_data=data, weight_clipping=clipping, p=p
                     )
-                    hits = _hits(quantized, x, y)
+                    hits = common.top1_hits(quantized, x, y)
                     row = {
                         "bits": common.bits_label(wbits, abits),
                         "calibration": calibration_name,

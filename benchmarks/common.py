@@ -131,6 +131,13 @@ def convert_variant(model, wbits, abits, variant, **options):
     return kpq.convert(model, wbits, abits, **VARIANTS[variant], **options)
 
 
+def top1_hits(model, x, y, batch_size=256):
+    """Per image: is the in-memory Keras model's top-1 class the label `y`."""
+    batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+    scores = np.concatenate([np.asarray(model(batch, training=False)) for batch in batches])
+    return np.argmax(scores, axis=1) == y
+
+
 def bits_label(wbits, abits):
     return f"W{wbits}/A{'float' if abits is None else abits}"
 

@@ -25,13 +25,6 @@ from keras_powerquant import demo
 DEMO_DIR = os.path.join(common.REPO_ROOT, "build", "demo")
 BIT_CONFIGS = [(8, 8), (4, 4)]
 CALIBRATIONS = ("calibrated", "data-free")
-BATCH_SIZE = 256
-
-
-def _hits(model, x, y):
-    scores = np.concatenate([np.asarray(model(x[i : i + BATCH_SIZE], training=False))
-                             for i in range(0, len(x), BATCH_SIZE)])
-    return np.argmax(scores, axis=1) == y
 
 
 def run(quick=False):
@@ -41,7 +34,7 @@ def run(quick=False):
     test = np.load(paths["test"])
     x, y = test["x"].astype(np.float32), test["y"]
     calibration = np.load(paths["calibration"]).astype(np.float32)
-    hits = {"float": _hits(model, x, y)}
+    hits = {"float": common.top1_hits(model, x, y)}
     results = [{"name": "float", "top1": float(hits["float"].mean())}]
     for wbits, abits in BIT_CONFIGS[-1:] if quick else BIT_CONFIGS:
         for calibration_name in CALIBRATIONS:
@@ -49,7 +42,7 @@ def run(quick=False):
             for variant in common.VARIANTS:
                 quantized, _ = common.convert_variant(model, wbits, abits, variant, calibration_data=data)
                 name = f"{common.bits_label(wbits, abits)} {variant} {calibration_name}"
-                hits[name] = _hits(quantized, x, y)
+                hits[name] = common.top1_hits(quantized, x, y)
                 results.append({"name": name, "top1": float(hits[name].mean())})
     comparisons = []
     for wbits, abits in BIT_CONFIGS[-1:] if quick else BIT_CONFIGS:

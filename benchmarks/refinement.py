@@ -49,7 +49,6 @@ STAGES = (
     ("mixed precision + refine=True", {"refine": True, "target_size": "uniform-w4"}),
 )
 METHODS = ("uniform", "powerquant")
-BATCH_SIZE = 256
 
 
 def _resnet8():
@@ -70,12 +69,6 @@ def _demo_model():
     return model, test["x"], test["y"], calibration, y_train[: len(calibration)]
 
 
-def _correct(model, x, y):
-    batches = (x[i : i + BATCH_SIZE] for i in range(0, len(x), BATCH_SIZE))
-    scores = np.concatenate([np.asarray(model(batch, training=False)) for batch in batches])
-    return np.argmax(scores, axis=1) == y
-
-
 def _paired(a, b):
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     n = len(a)
@@ -93,7 +86,7 @@ def _weight_bytes(model):
 
 def _run_model(name, loader, evaluations):
     model, x, y, calibration, labels = loader()
-    float_correct = _correct(model, x, y)
+    float_correct = common.top1_hits(model, x, y)
     uniform_w4, _ = kpq.convert(model, 4, 4, "uniform", calibration_data=calibration)
     w4_bytes = _weight_bytes(uniform_w4)
     rows, correct = [], {}
@@ -115,7 +108,7 @@ def _run_model(name, loader, evaluations):
                 **options_here,
             )
             seconds = time.perf_counter() - started
-            hits = _correct(quantized, x, y)
+            hits = common.top1_hits(quantized, x, y)
             correct[(stage, method)] = hits
             row = {
                 "model": name,
