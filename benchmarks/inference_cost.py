@@ -19,9 +19,15 @@ float model and 1.10x the BN-folded float model, at batch 1 and 16.
 Variants, on each model (ResNet-8, the VWW MobileNetV1 and MobileNetV2;
 MobileNetV2 not with `--quick`): the defaults at W4/A4 and W8/A8
 (activation exponents among 1, 1/2, 1/4, weights decoded once at load),
-weight-only W4 and W8 (`abits=None`), and two ablations at W4/A4:
-continuous activation exponents (the default before 0.2) and weights
-decoded on every call (`decode_weights="call"`).
+weight-only W4 and W8 (`abits=None`), and three ablations at W4/A4:
+continuous activation exponents (the default before 0.2), weights
+decoded on every call (`decode_weights="call"`), and the uniform method,
+whose activation quantizers are one FakeQuant op each: the least any
+activation quantizer costs when served with TensorFlow's own ops.
+
+Then an op profile (`op_profile`) of the float, folded, default and
+uniform models at both batches says where the difference goes: time per
+op type as TF Serving's loader runs the graph.
 """
 
 import gc
@@ -33,6 +39,7 @@ import time
 import common
 import keras
 import numpy as np
+import op_profile
 import tensorflow as tf
 
 import keras_powerquant as kpq
@@ -45,6 +52,7 @@ CONFIGS = {
     "W8 weight-only": (8, None, "powerquant", "load"),
     "W4/A4 continuous exponents": (4, 4, "powerquant-continuous", "load"),
     "W4/A4 per-call decode": (4, 4, "powerquant", "call"),
+    "W4/A4 uniform": (4, 4, "uniform", "load"),
 }
 GOAL_CONFIGS = ("W4/A4", "W8/A8")
 MODELS = ("resnet8", "vww", "mobilenetv2")
@@ -59,6 +67,9 @@ MAX_ITERATIONS = {False: 400, True: 100}
 # A batch is skipped when one float call takes longer than this.
 MAX_CALL_SECONDS = 5.0
 GOAL_FLOAT, GOAL_FOLDED = 1.00, 1.10
+PROFILED = (FLOAT, FOLDED, "W4/A4", "W8/A8", "W4/A4 uniform")
+# Seconds of traced calls per (model, batch) profile.
+PROFILE_BUDGET_SECONDS = {False: 12.0, True: 3.0}
 
 
 def _iterations(functions, quick):
@@ -98,18 +109,32 @@ def _time_batch(name, model, served, batch, quick):
             "load_average": common.load_average()}
 
 
+def _profile_batch(name, model, folders, timed, quick):
+    """Op profile of the PROFILED SavedModels at the batch of `timed` (a `_time_batch` result)."""
+    batch = timed["batch"]
+    seconds = sum(timed["times"][label]["median_ms"] for label in PROFILED) / 1e3
+    calls = op_profile.calls_for(seconds, PROFILE_BUDGET_SECONDS[quick])
+    inputs = common.random_inputs(name, model, batch)
+    profiles = op_profile.profile({label: folders[label] for label in PROFILED}, inputs, calls)
+    return {"batch": batch, "calls": calls, "profiles": profiles, "load_average": common.load_average()}
+
+
 def _measure_model(name, quick, tmp):
     model = common.load_benchmark_model(name)
-    served = {FLOAT: common.serving_function(common.export_saved_model(model, os.path.join(tmp, f"{name}-float")))}
+    folders = {FLOAT: common.export_saved_model(model, os.path.join(tmp, f"{name}-float"))}
     folded, _ = kpq.fold_batch_norms(model)
-    served[FOLDED] = common.serving_function(common.export_saved_model(folded, os.path.join(tmp, f"{name}-folded")))
+    folders[FOLDED] = common.export_saved_model(folded, os.path.join(tmp, f"{name}-folded"))
     for i, (label, (wbits, abits, variant, decode_weights)) in enumerate(CONFIGS.items()):
         quantized, report = common.convert_variant(model, wbits, abits, variant)
-        folder = os.path.join(tmp, f"{name}-{i}")
-        served[label] = common.serving_function(
-            common.export_saved_model(quantized, folder, report, model, decode_weights)
+        folders[label] = common.export_saved_model(
+            quantized, os.path.join(tmp, f"{name}-{i}"), report, model, decode_weights
         )
-    return [_time_batch(name, model, served, batch, quick) for batch in BATCHES]
+    served = {label: common.serving_function(folder) for label, folder in folders.items()}
+    batches = [_time_batch(name, model, served, batch, quick) for batch in BATCHES]
+    del served  # the profile loads its own copies; free these first
+    gc.collect()
+    profiles = [_profile_batch(name, model, folders, timed, quick) for timed in batches if "skipped" not in timed]
+    return batches, profiles
 
 
 def run(quick=False):
@@ -122,7 +147,8 @@ def run(quick=False):
                 entries.append({**entry, "skipped": "not run with --quick"})
                 continue
             try:
-                entries.append({**entry, "batches": _measure_model(name, quick, tmp)})
+                batches, profiles = _measure_model(name, quick, tmp)
+                entries.append({**entry, "batches": batches, "op_profiles": profiles})
             except common.Skip as skip:
                 entries.append({**entry, "skipped": str(skip)})
             keras.backend.clear_session()
@@ -200,17 +226,59 @@ def plot(result, folder):
     return [path]
 
 
+def _load_range(result):
+    """'a-b': the range of the 1-minute load averages taken during the run."""
+    values = [
+        measured["load_average"][0]
+        for entry in result["entries"]
+        for measured in entry.get("batches", []) + entry.get("op_profiles", [])
+        if "load_average" in measured
+    ]
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "not recorded"
+
+
+def _profile_markdown(result):
+    rows = []
+    for entry in result["entries"]:
+        for measured in entry.get("op_profiles", []):
+            for label, profile in measured["profiles"].items():
+                others = op_profile.largest_other_ops(profile)
+                rows.append([
+                    entry["model"], measured["batch"], label, f"{profile['total_ms']:.2f}",
+                    f"{profile['contraction_ms']:.2f}", f"{profile['total_ms'] - profile['contraction_ms']:.2f}",
+                    ", ".join(f"{op} {ms:.2f}" for op, ms in others) or "-",
+                ])
+    if not rows:
+        return []
+    return [
+        "",
+        "### Where the time goes (op profile)",
+        "",
+        "Mean time per op type of one traced `serving_default` call, the SavedModel loaded into a TF1 "
+        "Session as TF Serving's C++ loader loads it (the Grappler-optimized serving graph), the models "
+        "interleaved; `benchmarks/op_profile.py`. `conv/matmul` = convolutions and matmuls with what "
+        "Grappler fused into them (bias, ReLU); `other` = every other op, the largest of which are named.",
+        "",
+        common.markdown_table(
+            ["model", "batch", "variant", "op time ms", "conv/matmul ms", "other ms", "largest other ops (ms)"], rows
+        ),
+    ]
+
+
 def markdown(result):
     lines = [
         "## Inference cost (SavedModel, CPU)",
         "",
         "One call of `serving_default` per model per iteration, interleaved (rotating order), same "
-        "process, on a machine shared with other jobs (the load average is in results.json): "
-        "compare rows of one model and batch. `paired` = median over iterations of (this call / "
-        "the float call of the same iteration); `paired vs folded` = the same against the float "
-        "model with BatchNorm folded; `ratio` = median time / float median. Defaults: W4/A4 and "
-        "W8/A8 (activation exponents among 1, 1/2, 1/4; weights decoded once at load). TF threads: "
-        f"intra-op {result['tf_threads']['intra_op']}, inter-op {result['tf_threads']['inter_op']} "
+        "process, on a 2-core machine shared with other jobs (1-minute load average "
+        f"{_load_range(result)} during the run; per batch in results.json): compare rows of one model "
+        "and batch. `paired` = median over iterations of (this call / the float call of the same "
+        "iteration); `paired vs folded` = the same against the float model with BatchNorm folded; "
+        "`ratio` = median time / float median. Defaults: W4/A4 and W8/A8 (activation exponents among "
+        "1, 1/2, 1/4; weights decoded once at load). `W4/A4 uniform`: uniform activation quantizers, "
+        "one FakeQuant op each, the least activation quantization costs with TensorFlow's ops. "
+        f"TF threads: intra-op {result['tf_threads']['intra_op']}, inter-op "
+        f"{result['tf_threads']['inter_op']} "
         "(0 = all cores).",
         "",
     ]
@@ -247,6 +315,7 @@ def markdown(result):
             f"- {key}: {value['vs_float']:.2f}x float ({'met' if met['vs_float'] else 'NOT met'}), "
             f"{value['vs_folded']:.2f}x folded ({'met' if met['vs_folded'] else 'NOT met'})"
         )
+    lines += _profile_markdown(result)
     return "\n".join(lines)
 
 
