@@ -91,3 +91,25 @@ def nodes_without_gpu_kernel(nodes):
             )
             missing.add((node.op, tuple(types)))
     return sorted(missing)
+
+
+def optimized_serving_nodes(saved_model_dir, inputs, signature="serving_default"):
+    """NodeDefs a request executes after Grappler, loaded as TF Serving's C++ loader loads it.
+
+    The SavedModel is loaded into a TF1 Session (tag "serve") and the
+    signature run once on `inputs` (input key -> array); the partition graphs
+    TensorFlow reports are the optimized graph (fused convolutions, rewritten
+    ops) that ran.
+    """
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], saved_model_dir)
+        signature_def = meta_graph.signature_def[signature]
+        feed = {signature_def.inputs[key].name: value for key, value in inputs.items()}
+        fetches = [output.name for output in signature_def.outputs.values()]
+        metadata = tf.compat.v1.RunMetadata()
+        options = tf.compat.v1.RunOptions(output_partition_graphs=True)
+        session.run(fetches, feed, options=options, run_metadata=metadata)
+    return [node for partition in metadata.partition_graphs for node in partition.node]

@@ -19,6 +19,7 @@ from keras_powerquant.export import next_version
 from tests.models import activation_forms_model
 from tests.serving_graph import load_nodes
 from tests.serving_graph import nodes_without_gpu_kernel
+from tests.serving_graph import optimized_serving_nodes
 from tests.serving_graph import serving_nodes
 
 # Loads a SavedModel where keras_powerquant cannot be imported, runs
@@ -98,19 +99,32 @@ def test_saved_model_serves_without_keras_powerquant(resnet8_export, resnet8_w4,
     served = _serve_in_fresh_process(resnet8_export.saved_model_dir, {"input_1": x}, tmp_path)
     expected = quantized.predict(x, verbose=0)
     assert np.max(np.abs(served["dense"] - expected)) <= 1e-5
+    # Called eagerly (no Grappler), the layers compute the same square roots.
+    assert np.max(np.abs(served["dense"] - quantized(x).numpy())) <= 1e-5
 
 
 def test_every_serving_op_has_a_gpu_kernel(resnet8_export):
     nodes, at_load = serving_nodes(resnet8_export.saved_model_dir), load_nodes(resnet8_export.saved_model_dir)
     ops = {node.op for node in nodes}
     # Activations (default exponents 1, 1/2, 1/4): FakeQuant between square
-    # roots and squares; kernels: decoded by a gather when the SavedModel is
-    # loaded, read on each call. No exp/log, no Pow, no Python.
-    assert {"FakeQuantWithMinMaxArgs", "Sqrt", "Square", "ReadVariableOp"} <= ops
+    # roots (the first as Pow(x, 1/2), see below) and squares; kernels:
+    # decoded by a gather when the SavedModel is loaded, read on each call.
+    # No exp/log, no Python.
+    assert {"FakeQuantWithMinMaxArgs", "Pow", "Square", "ReadVariableOp"} <= ops
     assert not ops & {"GatherV2", "Exp", "Log"}
     assert {"GatherV2", "AssignVariableOp"} <= {node.op for node in at_load}
-    assert not (ops | {node.op for node in at_load}) & {"Pow", "EagerPyFunc", "PyFunc", "PyFuncStateless"}
+    assert not (ops | {node.op for node in at_load}) & {"EagerPyFunc", "PyFunc", "PyFuncStateless"}
     assert nodes_without_gpu_kernel(nodes + at_load) == []
+
+
+def test_grappler_fuses_the_relu_into_convolutions_and_takes_square_roots(resnet8_export, cifar_test):
+    nodes = optimized_serving_nodes(resnet8_export.saved_model_dir, {"input_1": cifar_test[0][:2]})
+    ops = {node.op for node in nodes}
+    # Pow(x, 1/2) ran as a Sqrt, and no Maximum guards it: the Relu before it
+    # is an epilogue of the convolution that produced x.
+    assert "Sqrt" in ops and not ops & {"Pow", "Maximum"}
+    fused = [node for node in nodes if "FusedConv2D" in node.op]
+    assert any(b"Relu" in node.attr["fused_ops"].list.s for node in fused), [n.op for n in fused]
 
 
 def test_every_activation_form_has_gpu_kernels(tmp_path):

@@ -521,14 +521,17 @@ def test_absorbed_relu_equals_explicit_relu(kwargs, bits):
     x = np.concatenate([x, [[np.inf, -np.inf]]], axis=1).astype(np.float32)
     assert_matches_reference(layer(x).numpy()[0], keras_activation(layer, x)[0], quantizer)
     # The shortcut really skips the activation op: at a = 1 FakeQuant alone
-    # clips and rounds; otherwise one Maximum guards the logarithm or the
-    # square root (not a Relu: Grappler's remapper fails on Relu+Sqrt too).
+    # clips and rounds; otherwise one Maximum guards the logarithm (not a
+    # Relu: Grappler's remapper fails on Relu+Log after an Add), and a plain
+    # Relu the square root, taken as Pow(x, 1/2) so Grappler fuses the Relu
+    # into a convolution before it.
     uniform = PowerQuantActivation(bits=bits, exponent=1.0, **kwargs)
     rooted = PowerQuantActivation(bits=bits, exponent=0.5, **kwargs)
     spec = tf.TensorSpec([None, 5], tf.float32)
     assert op_types(uniform, spec) & ACTIVATION_OPS == set()
     assert op_types(layer, spec) & ACTIVATION_OPS == {"Maximum"}
-    assert op_types(rooted, spec) & ACTIVATION_OPS == {"Maximum"}
+    assert op_types(rooted, spec) & ACTIVATION_OPS == {"Relu"}
+    assert {"Pow", "Square"} <= op_types(rooted, spec)
 
 
 @pytest.mark.parametrize(
@@ -588,7 +591,7 @@ def test_numpy_relu_matches_keras_including_at_the_threshold(kwargs):
 
 
 # ---------------------------------------------------------------------------
-# Graphs: FakeQuant in the power domain, no Pow op, gathers for kernels.
+# Graphs: FakeQuant in the power domain, Pow only as Pow(x, 1/2), gathers for kernels.
 
 ACTIVATION_OPS = {"Relu", "Relu6", "Minimum", "Maximum", "ClipByValue"}
 
@@ -600,14 +603,19 @@ def op_types(layer, spec):
 
 @pytest.mark.parametrize("case", range(len(ACTIVATION_CASES)))
 @pytest.mark.parametrize("exponent", [0.62, 1.0, 0.5, 0.25])
-def test_activation_graph_quantizes_with_fakequant_and_no_pow(case, exponent):
+def test_activation_graph_quantizes_with_fakequant_and_pow_only_as_a_square_root(case, exponent):
     layer = PowerQuantActivation(bits=4, exponent=exponent, **ACTIVATION_CASES[case])
-    types = op_types(layer, tf.TensorSpec([None, 4, 4, 3], tf.float32))
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec([None, 4, 4, 3], tf.float32)).graph
+    types = {op.type for op in graph.get_operations()}
     assert "FakeQuantWithMinMaxArgs" in types
-    assert not any("Pow" in t for t in types), types
+    # Pow only as the first square root of an unsigned quantizer, Pow(x, 1/2),
+    # which Grappler runs as a Sqrt (test_export checks the optimized graph).
+    pows = [op for op in graph.get_operations() if "Pow" in op.type]
+    assert all(op.type == "Pow" and tf.get_static_value(op.inputs[1]) == 0.5 for op in pows), types
+    assert bool(pows) == (exponent in (0.5, 0.25) and not layer.quantizer.signed)
     # exp/log only for general exponents; square roots and squares for 1/2^k.
     assert ("Exp" in types) == (exponent == 0.62)
-    assert ("Sqrt" in types and "Square" in types) == (exponent in (0.5, 0.25))
+    assert (("Sqrt" in types or bool(pows)) and "Square" in types) == (exponent in (0.5, 0.25))
 
 
 @pytest.mark.parametrize("exponent", [0.5, 0.25, 0.125])

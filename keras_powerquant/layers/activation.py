@@ -5,8 +5,8 @@ import tensorflow as tf
 
 from keras_powerquant.quantization.activations import ActivationQuantizer
 
-# Exponents 1/2, 1/4, 1/8 are computed with square roots and squares, which
-# Grappler fuses with the ReLU into one pass: as cheap as uniform quantization.
+# Exponents 1/2, 1/4, 1/8 are computed with square roots and squares: two or
+# more elementwise passes besides the FakeQuant, far cheaper than exp/log.
 _MAX_ROOTS = 3
 
 
@@ -46,8 +46,11 @@ class PowerQuantActivation(keras.layers.Layer):
     TensorFlow's uniform `FakeQuantWithMinMaxArgs` (which clips and rounds
     ties up, like `ActivationQuantizer`) and maps back with
     `exp(log(u) / a)`. At `a = 1` it is one FakeQuant op, and at
-    `a = 1/2, 1/4, 1/8` square roots and squares replace `exp`/`log`, which
-    makes it as cheap as uniform quantization. On CPU the `exp`/`log` form
+    `a = 1/2, 1/4, 1/8` square roots and squares replace `exp`/`log`: at
+    `a = 1/2` a square root, the FakeQuant and a square, the absorbed ReLU
+    running inside the convolution before it once Grappler has fused it
+    (the serving graph's cost is profiled in benchmarks/RESULTS.md,
+    "Inference cost"). On CPU the `exp`/`log` form
     is 3 to 5 times faster than bucketizing against the thresholds and
     gathering the levels (see benchmarks/RESULTS.md), and every op has a GPU
     kernel. Outputs equal the numpy reference up to float32 rounding (a few
@@ -137,16 +140,26 @@ class PowerQuantActivation(keras.layers.Layer):
         roots = _square_roots(a)
         if quantizer.signed:
             magnitudes = tf.abs(values)
-        else:
-            # Not tf.nn.relu: Grappler composes Relu+Log or Relu+Sqrt after an
-            # Add into one op and its remapper then fails with an error in the
-            # serving log.
+        elif roots is None:
+            # Not tf.nn.relu: Grappler composes Relu+Log after an Add into one
+            # op and its remapper then fails with an error in the serving log.
             magnitudes = tf.maximum(values, 0.0)
+        else:
+            magnitudes = tf.nn.relu(values)
         if roots is None:
             powered = tf.exp(tf.math.log(magnitudes) * a)
         else:
-            powered = magnitudes
-            for _ in range(roots):
+            # In a graph, the first root as Pow(x, 1/2), which Grappler
+            # rewrites to Sqrt only after its pass composing chains of unary
+            # ops: the Relu is then fused into the convolution before it (a
+            # free epilogue) rather than composed with a Sqrt into one more
+            # pass over the tensor (benchmarks/RESULTS.md, op profile).
+            # Eagerly (no Grappler) the same Sqrt directly.
+            if quantizer.signed or tf.executing_eagerly():
+                powered = tf.sqrt(magnitudes)
+            else:
+                powered = tf.pow(magnitudes, 0.5)
+            for _ in range(roots - 1):
                 powered = tf.sqrt(powered)
         decoded = _uniform_magnitudes(powered, float(clip**a), levels)
         if roots is None:
