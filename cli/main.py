@@ -256,8 +256,8 @@ def _format_bytes(count):
 @click.option("--quantize-first-last", is_flag=True,
               help="Quantize the first and last layers at --wbits/--abits too (default: 8 bits).")
 @click.option("--fast-activations/--continuous-activations", default=True, show_default=True,
-              help="Activation exponents among 1, 1/2, 1/4 (square roots: as fast as uniform at "
-              "inference), or fitted anywhere (two exp/log pairs per activation).")
+              help="Activation exponents among 1, 1/2, 1/4 (square roots and squares at inference), or "
+              "fitted anywhere (two exp/log pairs per activation).")
 @click.option("--weight-clipping/--no-weight-clipping", default=None,
               help="Fit a weight clip fraction per layer jointly with its exponent [default: as kpq.convert].")
 @click.option("--bias-correction", type=click.Choice(["auto", "analytic", "empirical", "off"]), default="auto",

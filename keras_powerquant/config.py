@@ -65,9 +65,9 @@ class ConversionConfig:
         first_last_bits: bit width of the first and last layers otherwise.
         fast_activations: True (default): choose each activation exponent
             among 1, 1/2 and 1/4. Those powers are square roots and
-            squares, so quantized activations cost about as much as uniform
-            ones at inference; with bias correction it was within noise
-            of the continuous fit or better (ResNet-8 W4/A4 +1.3 to +1.4
+            squares: elementwise ops at inference (one FakeQuant per
+            activation at `a = 1`, three to six ops at `1/2`); with bias
+            correction it was within noise of the continuous fit or better (ResNet-8 W4/A4 +1.3 to +1.4
             points, p >= 0.085; benchmarks/RESULTS.md). False: fit it anywhere in
             `exponent_bounds`, at the cost of two exp/log pairs per
             activation at inference. Weight exponents are fitted on the

@@ -238,8 +238,9 @@ def _activation_exponent_line(options):
     if options.get("method") == "uniform":
         return "Activation exponents: a = 1 (one FakeQuant op per activation)."
     if options["fast_activations"]:
-        return ("Activation exponents: among 1, 1/2, 1/4 (square roots and squares: as cheap as "
-                "uniform at inference; fast_activations=False / --continuous-activations fits any).")
+        return ("Activation exponents: among 1, 1/2, 1/4 (a = 1 is one FakeQuant op per activation; 1/2 "
+                "and 1/4 add square roots and squares; fast_activations=False / --continuous-activations "
+                "fits any).")
     return "Activation exponents: continuous (two exp/log pairs per activation at inference)."
 
 
