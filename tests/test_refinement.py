@@ -4,6 +4,10 @@ import numpy as np
 import pytest
 
 import keras_powerquant as kpq
+from keras_powerquant.refinement.settings import KernelSetting
+from keras_powerquant.refinement.settings import Settings
+from keras_powerquant.refinement.steps import _powell
+from keras_powerquant.refinement.steps import RefinementContext
 from tests import models
 from tests.cli_helpers import assert_one_line_error
 from tests.cli_helpers import invoke
@@ -37,13 +41,16 @@ def _weights(model):
     return [np.asarray(w) for w in model.weights]
 
 
-@pytest.mark.parametrize("method", ["powerquant", "uniform"])
-def test_each_step_does_not_increase_its_objective(resnet, method):
+@pytest.mark.parametrize(
+    "method, bias_correction", [("powerquant", False), ("uniform", False), ("powerquant", True)]
+)
+def test_each_step_does_not_increase_its_objective(resnet, method, bias_correction):
     model, x, labels = resnet
     steps = ["grid", "granularity", "lapq", "rounding"]
-    # Without bias correction, which runs after refinement and moves the loss again.
+    # With bias correction, the loss is that of the corrected network, and the
+    # exported model gets the corrections that loss applied.
     quantized, report = kpq.convert(
-        model, 4, 4, method, calibration_data=x, refine=steps, bias_correction=False, **FAST
+        model, 4, 4, method, calibration_data=x, refine=steps, bias_correction=bias_correction, **FAST
     )
     assert [step["name"] for step in report.refinement] == steps
     for step in report.refinement:
@@ -81,8 +88,14 @@ def test_refine_false_and_no_op_refinement_keep_todays_model(resnet):
     # The grid step keeps a = 1 for the uniform method: same model through the refinement path.
     through, report = kpq.convert(model, 4, 4, "uniform", calibration_data=x, refine=["grid"])
     assert today_report.refinement == [] and today_report.options["refine"] == []
-    for other in (plain, through):
-        for a, b in zip(_weights(today), _weights(other)):
+    for a, b in zip(_weights(today), _weights(plain)):
+        np.testing.assert_array_equal(a, b)
+    # Refinement measures its bias corrections on the layers' outputs rather
+    # than through §7's padding model, so only the biases may differ, a little.
+    for variable, a, b in zip(today.weights, _weights(today), _weights(through)):
+        if variable.path.endswith("/bias"):
+            np.testing.assert_allclose(a, b, atol=0.1)
+        else:
             np.testing.assert_array_equal(a, b)
     assert [layer.get_config() for layer in through.layers] == [layer.get_config() for layer in today.layers]
 
@@ -222,3 +235,27 @@ def test_refinement_accepts_synthetic_calibration_data(resnet):
     assert report.options["synthetic"]["num_samples"] == 16
     assert [step["name"] for step in report.refinement] == ["grid", "lapq"]
     assert report.refinement[-1]["loss_after"] <= report.refinement[0]["loss_before"]
+
+
+def test_lapq_search_does_not_leave_a_coordinate_that_starts_on_its_bound():
+    # The loss is lowest with the first clip fraction exactly at its bound (1)
+    # and the second at 0.5. scipy's bounded line search moved the first off
+    # its bound to a worse point, which then hid the second's improvement.
+    settings = Settings(
+        {
+            "first": KernelSetting(4, 1.0, 1.0, True),
+            "second": KernelSetting(4, 1.0, 1.0, True),
+        },
+        {},
+    )
+
+    def loss(candidate):
+        first, second = candidate.kernels["first"].clip_fraction, candidate.kernels["second"].clip_fraction
+        return (0.0 if first == 1.0 else 0.5) + (second - 0.5) ** 2
+
+    context = RefinementContext(loss, None, {}, None, "uniform", (0.25, 1.0), True, 200, None)
+    best, best_loss, evaluations = _powell(context, settings, loss(settings))
+    assert 0 < evaluations <= 200
+    assert best.kernels["first"].clip_fraction == 1.0
+    assert best.kernels["second"].clip_fraction == pytest.approx(0.5, abs=0.02)
+    assert best_loss == pytest.approx(loss(best)) and best_loss < 0.01

@@ -212,6 +212,22 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
     return corrections
 
 
+def refined_corrections(plan, shifts):
+    """Empirical corrections measured by refinement (`Refinement.bias_shifts`), by layer key.
+
+    Refinement measures each layer's output mean directly, on its
+    subsample, with the corrections of the layers before it applied: the
+    same correction as `empirical_corrections` without its
+    uniform-input-mean model of padding.
+    """
+    corrections = {}
+    for key, layer_plan in plan.layers.items():
+        shift = shifts.get(layer_plan.layer.name)
+        reason = None if shift is not None else "channels_first layout"
+        corrections[key] = BiasCorrection("empirical", shift, reason)
+    return corrections
+
+
 def apply_corrections(quantized_layers, corrections):
     """Subtracts each correction's shift from its layer's bias variable."""
     for key, correction in corrections.items():

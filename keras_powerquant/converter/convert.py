@@ -17,6 +17,7 @@ from keras_powerquant.config import resolve_config
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
 from keras_powerquant.converter.bias_correction import empirical_corrections
+from keras_powerquant.converter.bias_correction import refined_corrections
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
 from keras_powerquant.converter.calibration import record_samples
@@ -262,14 +263,15 @@ def convert(
     )
     seconds["activations"] = time.perf_counter() - mark
 
-    refinement_reports = []
+    refined = None
     if config.refining:
         mark = time.perf_counter()
         labels = None if calibration_labels is None else refinement.subsample_labels(calibration_labels, reservoir)
-        plan, refinement_reports = refinement.refine_plan(
+        refined = refinement.refine_plan(
             graph, folds, plan, config, inputs=reservoir.inputs, labels=labels, samples=samples, budget=budget,
             progress=progress,
         )
+        plan = refined.plan
         seconds["refinement"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -283,6 +285,10 @@ def convert(
     corrections = {}
     if correction == "analytic":
         corrections = analytic_corrections(plan, stats, builder.quantized_layers)
+        apply_corrections(builder.quantized_layers, corrections)
+    elif correction == "empirical" and refined is not None:
+        # The corrections refinement's loss applied: the exported model is the one it chose.
+        corrections = refined_corrections(plan, refined.bias_shifts)
         apply_corrections(builder.quantized_layers, corrections)
     elif correction == "empirical":
         corrections = empirical_corrections(
@@ -303,7 +309,7 @@ def convert(
         options["synthetic"] = dataclasses.asdict(synthetic)
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
     report = _report(graph, plan, folds, unfolded, options, notes, seconds, corrections)
-    report.refinement = [dataclasses.asdict(step) for step in refinement_reports]
+    report.refinement = [] if refined is None else [dataclasses.asdict(step) for step in refined.reports]
     return quantized_model, report
 
 

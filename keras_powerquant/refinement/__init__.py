@@ -7,6 +7,7 @@ subsample: cross-entropy with `calibration_labels`, else the KL divergence
 between the float and the quantized model's outputs.
 """
 
+import dataclasses
 import time
 
 import numpy as np
@@ -30,7 +31,7 @@ from keras_powerquant.refinement.steps import rounding_step
 # The step functions, by the names `ConversionConfig(refine=...)` accepts.
 STEPS = {"grid": grid_step, "granularity": granularity_step, "lapq": lapq_step, "rounding": rounding_step}
 
-__all__ = ["check_calibration_labels", "InputReservoir", "refine_plan", "size_budget", "weight_bytes"]
+__all__ = ["check_calibration_labels", "InputReservoir", "Refinement", "refine_plan", "size_budget", "weight_bytes"]
 
 
 def check_calibration_labels(calibration_labels, calibration_data):
@@ -80,8 +81,32 @@ def weight_bytes(layer):
     return sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layer.weights)
 
 
+@dataclasses.dataclass
+class Refinement:
+    """What `refine_plan` returns.
+
+    Attributes:
+        plan: the refined `ConversionPlan`.
+        reports: a `StepReport` per step run.
+        bias_shifts: with empirical bias correction, the shift to subtract
+            from each layer's bias (by layer name), measured on the
+            refinement subsample exactly as the steps' loss applied it;
+            layers absent (channels-first) are not corrected. Empty without
+            bias correction.
+    """
+
+    plan: object
+    reports: list
+    bias_shifts: dict
+
+
 def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=None, progress=None):
-    """Runs the refinement steps of `config.refine` on a fitted plan; returns `(plan, step reports)`.
+    """Runs the refinement steps of `config.refine` on a fitted plan; returns a `Refinement`.
+
+    With empirical bias correction (`config.bias_correction_method`), the
+    loss the steps minimise is that of the bias-corrected network (see
+    `tunable`), and the returned shifts are the corrections that loss
+    applied, so the exported model is the one refinement chose.
 
     Args:
         graph, folds, plan: the conversion's `FlatGraph`, folds and fitted
@@ -96,9 +121,10 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
         progress: `progress(stage, done, total)` or None.
 
     Returns:
-        The plan and a list of `StepReport`.
+        A `Refinement`.
     """
-    objective = NetworkObjective(graph, folds, plan, config.per_channel, inputs, labels)
+    correct_bias = config.bias_correction_method(True) == "empirical"
+    objective = NetworkObjective(graph, folds, plan, config.per_channel, inputs, labels, correct_bias=correct_bias)
     fitters = {p.layer.name: KernelFitter(p) for p in plan.layers.values()}
     models_by_norm = {}
 
@@ -129,7 +155,7 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
         report.evaluations = objective.evaluations - evaluations
         reports.append(report)
     apply_settings(plan, settings, fitters, activation_models(2.0))
-    return plan, reports
+    return Refinement(plan, reports, objective.bias_shifts(settings))
 
 
 def subsample_labels(labels, reservoir):

@@ -45,13 +45,21 @@ class NetworkObjective:
         labels: optional integer class labels `(N,)` (single-output
             classifiers): the loss is then the cross-entropy.
         batch_size: evaluation batch size.
+        correct_bias: evaluate the network as empirical bias correction
+            leaves it (see `tunable`): each channels-last layer's output
+            mean is moved back to the float model's on the batch.
     """
 
-    def __init__(self, graph, folds, plan, per_channel, inputs, labels=None, batch_size=64):
+    def __init__(self, graph, folds, plan, per_channel, inputs, labels=None, batch_size=64, correct_bias=False):
         builder = TunableBuilder(graph, folds, plan, per_channel)
         self.model = builder.build()
         self.kernel_layers = builder.kernel_layers
         self.activation_layers = builder.activation_layers
+        self.correcting_layers = [
+            layer for layer in self.kernel_layers.values() if correct_bias and layer.corrects_mean
+        ]
+        # Per batch, the float model's output means of the correcting layers (recorded on first use).
+        self.reference_means = None
         self.batches = [
             [tf.constant(a[start : start + batch_size]) for a in inputs]
             for start in range(0, inputs[0].shape[0], batch_size)
@@ -113,6 +121,60 @@ class NetworkObjective:
             self._assign(layer.clip, float(setting.clip))
             self._assign(layer.exponent, float(setting.exponent))
             self._assign(layer.enabled, 1.0 if quantized else 0.0)
+        for layer in self.correcting_layers:
+            self._assign(layer.correcting, 1.0 if quantized else 0.0)
+
+    def record_reference_means(self, settings):
+        """Records, once, the float model's per-batch output means of the correcting layers.
+
+        A capturing pass of the model with `settings` assigned as the float
+        model; the variables stay so until the next `assign`.
+        """
+        if self.reference_means is not None or not self.correcting_layers:
+            return
+        self.assign(settings, quantized=False)
+        for layer in self.correcting_layers:
+            layer.capturing = True
+        try:
+            means = []
+            for xs in self.batches:
+                self.model(_model_inputs(xs), training=False)
+                means.append([tf.constant(layer.reference_mean.numpy()) for layer in self.correcting_layers])
+        finally:
+            for layer in self.correcting_layers:
+                layer.capturing = False
+        self.reference_means = means
+
+    def bias_shifts(self, settings):
+        """The mean correction of each correcting layer over the held inputs, by layer name.
+
+        With `settings` applied, each batch's shift `mean(y_hat) - mean(y)`
+        (per output channel, upstream layers corrected) averaged over the
+        batches, weighted by their sizes: float64 arrays of the bias' shape,
+        to subtract from the exported layers' biases.
+        """
+        if not self.correcting_layers:
+            return {}
+        self.record_reference_means(settings)
+        self.assign(settings)
+        totals = {}
+        for index, xs in enumerate(self.batches):
+            self.use_batch(index)
+            self.model(_model_inputs(xs), training=False)
+            weight = int(xs[0].shape[0])
+            for layer in self.correcting_layers:
+                shift = layer.applied_shift.numpy().astype(np.float64) * weight
+                totals[layer] = totals.get(layer, 0.0) + shift
+        names = {id(layer): name for name, layer in self.kernel_layers.items()}
+        return {names[id(layer)]: total / self.size for layer, total in totals.items()}
+
+    def use_batch(self, index):
+        """Sets the correcting layers' float output means to those of batch `index` (for direct model calls)."""
+        for layer, mean in zip(self.correcting_layers, self.batch_means(index)):
+            layer.reference_mean.assign(mean)
+
+    def batch_means(self, index):
+        return self.reference_means[index] if self.reference_means is not None else []
 
     def forget(self, variable):
         """Marks a variable as changed outside `assign` (by an optimizer)."""
@@ -121,17 +183,20 @@ class NetworkObjective:
     def __call__(self, settings):
         """The mean loss over the held inputs with `settings` applied."""
         started = time.perf_counter()
+        self.record_reference_means(settings)
         self.assign(settings)
         total = 0.0
         for i, xs in enumerate(self.batches):
             labels = self.labels[i] if self.labels is not None else None
-            total += float(self._batch_loss(xs, self.references[i], labels))
+            total += float(self._batch_loss(xs, self.references[i], labels, self.batch_means(i)))
         self.evaluations += 1
         self.seconds += time.perf_counter() - started
         return total / self.size
 
-    def _batch_loss_eager(self, xs, references, labels):
+    def _batch_loss_eager(self, xs, references, labels, reference_means):
         """Summed loss of one batch (traced once by `tf.function`)."""
+        for layer, mean in zip(self.correcting_layers, reference_means):
+            layer.reference_mean.assign(mean)
         outputs = _flat(self.model(_model_inputs(xs), training=False))
         loss = tf.constant(0.0)
         for output, reference, kind in zip(outputs, references, self.kinds):

@@ -36,6 +36,8 @@ LAPQ_NORMS = (2.0, 2.5, 3.0, 3.5, 4.0)
 _CLIP_RANGE = (0.25, 2.0)
 _MIN_EXPONENT = 0.25
 BIT_CHOICES = tuple(range(2, 9))
+# Powell's first step along each coordinate, as a fraction of its range.
+_POWELL_STEP = 0.1
 
 
 @dataclasses.dataclass
@@ -277,10 +279,14 @@ def _powell(context, settings, settings_loss):
         if context.power and s.exponent != 1.0 and not context.fast_activations
     ]
     start_clips = {key: s.clip for key, s in settings.activations.items()}
+    low = np.array([c[3] for c in coordinates])
+    span = np.array([c[4] for c in coordinates]) - low
 
     def settings_at(x):
         kernels, activations = dict(settings.kernels), dict(settings.activations)
-        for (kind, key, field, _, _, _), value in zip(coordinates, x):
+        folded = np.mod(x, 2.0)
+        values = low + np.where(folded <= 1.0, folded, 2.0 - folded) * span
+        for (kind, key, field, _, _, _), value in zip(coordinates, values):
             value = float(value)
             if kind == "kernel":
                 kernels[key] = dataclasses.replace(kernels[key], **{field: value})
@@ -304,14 +310,25 @@ def _powell(context, settings, settings_loss):
 
     if not coordinates or context.max_evaluations <= 0:
         return settings, settings_loss, 0
-    x0 = np.array([c[5] for c in coordinates])
-    bounds = [(c[3], c[4]) for c in coordinates]
+    # Not Powell's `bounds`: scipy's bounded line search returns the best
+    # interior point it tried even when that is worse than where the line
+    # started (a clip fraction of 1 sits on its bound), so Powell drifted to
+    # worse settings. Unbounded, Brent's line search keeps the starting point
+    # unless it finds a lower loss; each coordinate is scaled to [0, 1] over
+    # its range and folded back into it (a triangle wave), so every point
+    # Powell tries is a valid setting and a search that starts on a bound
+    # explores inwards whichever way it steps.
+    x0 = (np.array([c[5] for c in coordinates]) - low) / span
     optimize.minimize(
         objective,
         x0,
         method="Powell",
-        bounds=bounds,
-        options={"maxfev": context.max_evaluations, "xtol": 1e-2, "ftol": 1e-4},
+        options={
+            "maxfev": context.max_evaluations,
+            "xtol": 1e-2,
+            "ftol": 1e-4,
+            "direc": np.eye(len(coordinates)) * _POWELL_STEP,
+        },
     )
     return best["settings"], best["loss"], count[0]
 
@@ -480,7 +497,13 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
         float_inputs = [reader(_inputs(xs), training=False) for xs in objective.batches]
         targets = [layer(x) for x in float_inputs]
         objective.assign(current)
-        quantized_inputs = [reader(_inputs(xs), training=False) for xs in objective.batches]
+        quantized_inputs = []
+        for index, xs in enumerate(objective.batches):
+            objective.use_batch(index)
+            quantized_inputs.append(reader(_inputs(xs), training=False))
+        # The reconstruction is AdaRound's, of the layer's output without its bias correction.
+        layer.correcting.assign(0.0)
+        objective.forget(layer.correcting)
         powered = layer.powered_codes().numpy()
         layer.rounding.assign(rounding_logits(powered - np.floor(powered)))
         layer.rounding_mode.assign(SOFT)

@@ -26,12 +26,22 @@ rectified sigmoid `h(V) = clip(1.2 sigmoid(V) - 0.1, 0, 1)` (`SOFT`), or
 by `floor(u) + [V >= 0]` once learned (`HARD`); `FLOAT` computes with the
 float kernel and a disabled activation quantizer passes values through, so
 the same model also gives the float network's intermediate values.
+
+Bias correction as conversion applies it after refinement (empirical:
+each layer's output mean moved back to the float model's) is part of what
+the model computes, so refinement minimises the loss of the corrected
+network: a layer whose `correcting` variable is 1 subtracts from its
+output, before bias and activation, `mean(y_hat) - mean(y)` per output
+channel, the means over every axis but the channels of the batch being
+evaluated, with `mean(y)` the float model's on the same batch
+(`reference_mean`, recorded in a capturing pass of the float model).
 """
 
 import numpy as np
 import tensorflow as tf
 
 from keras_powerquant.converter.builder import ModelBuilder
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.converter.registry import quantized_classes
 from keras_powerquant.layers import PowerQuantActivation
 from keras_powerquant.quantization.weights import channel_scales
@@ -68,8 +78,16 @@ class TunableKernelMixin:
 
     The layer keeps the float kernel and computes `dequantized_kernel()`
     from the variables `exponent`, `clip_fraction`, `max_code` (`2^(b-1) - 1`)
-    and `per_channel` (1.0 or 0.0).
+    and `per_channel` (1.0 or 0.0). When `corrects_mean` (set before the
+    layer is built; channels-last layers only, as conversion's empirical
+    bias correction), its output is mean-corrected as the module docstring
+    says while `correcting` is 1, and a call made while `capturing` records
+    the batch's per-channel output mean in `reference_mean` instead; the
+    last shift subtracted is kept in `applied_shift`.
     """
+
+    corrects_mean = False
+    capturing = False
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -94,6 +112,25 @@ class TunableKernelMixin:
         self.rounding_mode = self.add_weight(
             name="rounding_mode", shape=(), dtype="int32", initializer="zeros", trainable=False
         )
+        self.reference_mean = self.add_weight(
+            name="reference_mean", shape=self.bias_shape(input_shape, shape), initializer="zeros", trainable=False
+        )
+        self.correcting = self.add_weight(name="correcting", shape=(), initializer="zeros", trainable=False)
+        self.applied_shift = self.add_weight(
+            name="applied_shift", shape=self.bias_shape(input_shape, shape), initializer="zeros", trainable=False
+        )
+
+    def _finish(self, outputs):
+        channel_shape = tuple(self.reference_mean.shape)
+        if self.corrects_mean and tuple(outputs.shape[len(outputs.shape) - len(channel_shape) :]) == channel_shape:
+            mean = tf.reduce_mean(outputs, axis=list(range(len(outputs.shape) - len(channel_shape))))
+            if self.capturing:
+                self.reference_mean.assign(mean)
+            else:
+                shift = self.correcting * (mean - self.reference_mean)
+                self.applied_shift.assign(shift)
+                outputs = outputs - shift
+        return super()._finish(outputs)
 
     def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None):
         # Learned rounding reaches this model through `NetworkObjective.assign`.
@@ -199,6 +236,7 @@ class TunableBuilder(ModelBuilder):
         layer = super()._new_quantized_layer(plan, name, activation)
         config = layer.get_config()
         tunable = _TUNABLE_CLASSES[type(layer)].from_config(config)
+        tunable.corrects_mean = linear_type(plan.layer).channels_last(plan.layer)
         self.kernel_layers[plan.layer.name] = tunable
         return tunable
 
