@@ -120,7 +120,13 @@ def _run_model(name, loader, evaluations):
                 "convert_seconds": seconds,
                 "refinement_seconds": report.seconds.get("refinement"),
                 "steps": [
-                    {k: step[k] for k in ("name", "loss_before", "loss_after", "seconds", "evaluations")}
+                    {
+                        k: step[k]
+                        for k in (
+                            "name", "loss_before", "loss_after", "holdout_loss_before", "holdout_loss_after", "kept",
+                            "seconds", "evaluations",
+                        )
+                    }
                     for step in report.refinement
                 ],
                 "bits": {layer.name: layer.weight_bits for layer in report.quantized_layers},
