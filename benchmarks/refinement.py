@@ -5,7 +5,7 @@ What is measured, at W4/A4 (first and last layers at 8 bits), for
 
 - ResNet-8 (MLPerf Tiny, CIFAR-10): the first 932 test images; calibration
   on the first 512 images of `train_4660.npz` (refinement evaluates the
-  network on a 256-image subsample of them).
+  network on a 320-image subsample of them: 256 to fit, 64 held out).
 - The demo model (`keras_powerquant.demo`, seed 0, trained here
   deterministically): its 2,000 held-out images; calibration on its 256
   calibration images.
@@ -37,6 +37,7 @@ from scipy import stats
 
 import keras_powerquant as kpq
 from keras_powerquant import demo
+from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 
 STAGES = (
     ("per-layer fit", {"refine": False}),
@@ -120,7 +121,13 @@ def _run_model(name, loader, evaluations):
                 "convert_seconds": seconds,
                 "refinement_seconds": report.seconds.get("refinement"),
                 "steps": [
-                    {k: step[k] for k in ("name", "loss_before", "loss_after", "seconds", "evaluations")}
+                    {
+                        k: step[k]
+                        for k in (
+                            "name", "loss_before", "loss_after", "holdout_loss_before", "holdout_loss_after", "kept",
+                            "seconds", "evaluations",
+                        )
+                    }
                     for step in report.refinement
                 ],
                 "bits": {layer.name: layer.weight_bits for layer in report.quantized_layers},
@@ -141,7 +148,7 @@ def _run_model(name, loader, evaluations):
 
 
 def run(quick=False):
-    evaluations = 100 if quick else 200
+    evaluations = 100 if quick else DEFAULT_MAX_EVALUATIONS
     results = {"machine": common.machine_description(), "lapq_evaluations": evaluations, "models": []}
     loaders = [("ResNet-8", _resnet8)] + ([] if quick else [("demo CNN", _demo_model)])
     for name, loader in loaders:
@@ -162,7 +169,8 @@ def markdown(result):
     lines = ["## Loss-aware refinement (W4/A4)", ""]
     lines.append(
         "Command: `python benchmarks/refinement.py --json benchmarks/refinement.json`. "
-        f"LAPQ budget {result['lapq_evaluations']} evaluations, refinement on a 256-sample subsample "
+        f"LAPQ budget {result['lapq_evaluations']} evaluations (the default), refinement on a 320-sample subsample "
+        "(every fifth held out to check each step) "
         "of the calibration set, KL(float || quantized) unless labels are named. In-memory Keras models, "
         "same images for every row. Shared 2-core machine (other jobs running): times are upper bounds."
     )

@@ -32,6 +32,7 @@ import demo_accuracy
 import inference_cost
 import keras
 import refinement
+import refinement_memory
 import refinement_time
 import sizes
 import synthetic_calibration
@@ -56,6 +57,7 @@ STANDALONE = {
     "synthetic_calibration": synthetic_calibration,
     "refinement_time": refinement_time,
     "refinement": refinement,
+    "refinement_memory": refinement_memory,
     "applications": applications,
 }
 

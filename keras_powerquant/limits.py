@@ -25,6 +25,11 @@ DECODE_WEIGHTS = ("load", "call")
 # calibration samples refinement evaluates on, LAPQ's evaluation budget, and
 # learned rounding's gradient steps per layer.
 DEFAULT_CALIBRATION_BATCH_SIZE = 32
-DEFAULT_REFINE_SAMPLES = 256
-DEFAULT_MAX_EVALUATIONS = 400
+DEFAULT_REFINE_SAMPLES = 320
+# Refinement holds out every HOLDOUT_EVERY-th sample of its subsample (64 of
+# the default 320) to check each step's result on samples it did not fit;
+# subsamples that would hold out fewer than MIN_HOLDOUT are not split.
+HOLDOUT_EVERY = 5
+MIN_HOLDOUT = 8
+DEFAULT_MAX_EVALUATIONS = 200
 ROUNDING_ITERATIONS = 200

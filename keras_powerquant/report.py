@@ -117,7 +117,7 @@ class ConversionReport:
         seconds: wall time per stage.
         refinement: one record per refinement step (`StepReport` fields:
             name, loss_before, loss_after, seconds, evaluations, decisions,
-            notes).
+            notes, holdout_loss_before, holdout_loss_after, kept).
     """
 
     model_name: str
@@ -210,6 +210,12 @@ class ConversionReport:
             lines.append(
                 f"  refinement '{step['name']}': loss {step['loss_before']:.4g} -> {step['loss_after']:.4g} "
                 f"({step['evaluations']} evaluations, {step['seconds']:.1f} s)"
+                + (
+                    ""
+                    if step.get("holdout_loss_before") is None
+                    else f", held-out {step['holdout_loss_before']:.4g} -> {step['holdout_loss_after']:.4g}"
+                    + ("" if step.get("kept", True) else ": discarded")
+                )
             )
         return "\n".join(lines)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import keras_powerquant as kpq
+from keras_powerquant.refinement import holdout_split
 from keras_powerquant.refinement.settings import KernelSetting
 from keras_powerquant.refinement.settings import Settings
 from keras_powerquant.refinement.steps import _powell
@@ -56,9 +57,18 @@ def test_each_step_does_not_increase_its_objective(resnet, method, bias_correcti
     for step in report.refinement:
         assert step["loss_after"] <= step["loss_before"], step
         assert step["seconds"] > 0 and step["evaluations"] >= 1
-    # All 48 samples are held, so the last loss is the built model's KL to float.
-    assert _kl(model, quantized, x) == pytest.approx(report.refinement[-1]["loss_after"], rel=0.05, abs=1e-4)
-    assert report.refinement[-1]["loss_after"] < report.refinement[0]["loss_before"]
+        # A step is kept exactly when it does not raise the held-out loss.
+        assert step["kept"] == (step["holdout_loss_after"] <= step["holdout_loss_before"]), step
+    # All 48 samples are held: the steps fit on 39 and hold out 9, so the
+    # final loss is the built model's KL to float on those 39 and on those 9.
+    fit, holdout = holdout_split(len(x))
+    assert len(fit) == 39 and len(holdout) == 9
+    last = report.refinement[-1]
+    final_loss = last["loss_after"] if last["kept"] else last["loss_before"]
+    final_holdout = last["holdout_loss_after"] if last["kept"] else last["holdout_loss_before"]
+    assert _kl(model, quantized, x[fit]) == pytest.approx(final_loss, rel=0.05, abs=1e-4)
+    assert _kl(model, quantized, x[holdout]) == pytest.approx(final_holdout, rel=0.05, abs=1e-4)
+    assert final_holdout <= report.refinement[0]["holdout_loss_before"]
 
 
 def test_grid_step_is_never_worse_than_uniform(resnet):

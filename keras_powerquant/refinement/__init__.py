@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from keras_powerquant.limits import HOLDOUT_EVERY
+from keras_powerquant.limits import MIN_HOLDOUT
 from keras_powerquant.quantization.search import ActivationErrorModel
 from keras_powerquant.refinement.data import check_labels
 from keras_powerquant.refinement.data import in_memory_size
@@ -124,7 +126,18 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
         A `Refinement`.
     """
     correct_bias = config.bias_correction_method(True) == "empirical"
-    objective = NetworkObjective(graph, folds, plan, config.per_channel, inputs, labels, correct_bias=correct_bias)
+    fit, holdout = holdout_split(inputs[0].shape[0])
+    objective = NetworkObjective(
+        graph,
+        folds,
+        plan,
+        config.per_channel,
+        [a[fit] for a in inputs],
+        None if labels is None else labels[fit],
+        correct_bias=correct_bias,
+        holdout_inputs=None if holdout is None else [a[holdout] for a in inputs],
+        holdout_labels=None if labels is None or holdout is None else labels[holdout],
+    )
     fitters = {p.layer.name: KernelFitter(p) for p in plan.layers.values()}
     models_by_norm = {}
 
@@ -148,14 +161,43 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
         (name, (lambda c, s: rounding_step(c, s, config.rounding_iterations)) if name == "rounding" else STEPS[name])
         for name in config.refine
     ]
-    for _, step in run:
+    for name, step in run:
         started, evaluations = time.perf_counter(), objective.evaluations
-        settings, report = step(context, settings)
+        holdout_before = objective.holdout_loss(settings)
+        refined, report = step(context, settings)
         report.seconds = time.perf_counter() - started
         report.evaluations = objective.evaluations - evaluations
+        # `bits` trades loss for size by design: its result stands.
+        if holdout_before is not None and name != "bits":
+            report.holdout_loss_before = holdout_before
+            report.holdout_loss_after = objective.holdout_loss(refined)
+            if report.holdout_loss_after > holdout_before:
+                report.kept = False
+                report.notes.append(
+                    f"the held-out loss rose ({holdout_before:.6g} to {report.holdout_loss_after:.6g}): "
+                    "the step's result is discarded"
+                )
+                refined = settings
+        settings = refined
         reports.append(report)
     apply_settings(plan, settings, fitters, activation_models(2.0))
     return Refinement(plan, reports, objective.bias_shifts(settings))
+
+
+def holdout_split(count):
+    """`(fit, holdout)` index arrays of a refinement subsample: every `HOLDOUT_EVERY`-th sample is held out.
+
+    The steps fit on the rest and a step's result is kept only if it does
+    not raise the loss on the held-out samples: with a few hundred samples
+    and dozens of clip values, a step can lower its loss on the samples it
+    fits while raising it on others. Subsamples too small to spare
+    `MIN_HOLDOUT` samples are not split (`holdout` None).
+    """
+    positions = np.arange(count)
+    held = positions % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if held.sum() < MIN_HOLDOUT:
+        return positions, None
+    return positions[~held], positions[held]
 
 
 def subsample_labels(labels, reservoir):
@@ -168,4 +210,4 @@ def subsample_labels(labels, reservoir):
     return np.asarray(labels[reservoir.positions])
 
 
-__all__ += ["subsample_labels"]
+__all__ += ["holdout_split", "subsample_labels"]

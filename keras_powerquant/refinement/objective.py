@@ -45,12 +45,26 @@ class NetworkObjective:
         labels: optional integer class labels `(N,)` (single-output
             classifiers): the loss is then the cross-entropy.
         batch_size: evaluation batch size.
+        holdout_inputs, holdout_labels: optional samples kept apart from
+            the steps, on which `holdout_loss` checks their results.
         correct_bias: evaluate the network as empirical bias correction
             leaves it (see `tunable`): each channels-last layer's output
             mean is moved back to the float model's on the batch.
     """
 
-    def __init__(self, graph, folds, plan, per_channel, inputs, labels=None, batch_size=64, correct_bias=False):
+    def __init__(
+        self,
+        graph,
+        folds,
+        plan,
+        per_channel,
+        inputs,
+        labels=None,
+        batch_size=64,
+        correct_bias=False,
+        holdout_inputs=None,
+        holdout_labels=None,
+    ):
         builder = TunableBuilder(graph, folds, plan, per_channel)
         self.model = builder.build()
         self.kernel_layers = builder.kernel_layers
@@ -60,22 +74,21 @@ class NetworkObjective:
         ]
         # Per batch, the float model's output means of the correcting layers (recorded on first use).
         self.reference_means = None
-        self.batches = [
-            [tf.constant(a[start : start + batch_size]) for a in inputs]
-            for start in range(0, inputs[0].shape[0], batch_size)
-        ]
         self.size = int(inputs[0].shape[0])
+        self.holdout_size = 0 if holdout_inputs is None else int(holdout_inputs[0].shape[0])
+        # The steps' batches first, then the held-out ones.
+        self._all_batches, self._labels = _batched(inputs, labels, batch_size)
+        self.fit_batches = len(self._all_batches)
+        if self.holdout_size:
+            holdout_batches, holdout_labels = _batched(holdout_inputs, holdout_labels, batch_size)
+            self._all_batches += holdout_batches
+            self._labels += holdout_labels
         references = [
-            [np.asarray(o) for o in _flat(graph.model(_model_inputs(xs), training=False))] for xs in self.batches
+            [np.asarray(o) for o in _flat(graph.model(_model_inputs(xs), training=False))] for xs in self._all_batches
         ]
         self.kinds = [self._output_kind(np.concatenate([r[i] for r in references])) for i in range(len(references[0]))]
         self.references = [[tf.constant(o) for o in batch] for batch in references]
-        self.labels = None
-        if labels is not None:
-            self.labels = [
-                tf.constant(np.asarray(labels[start : start + batch_size], dtype=np.int32))
-                for start in range(0, self.size, batch_size)
-            ]
+        self.labelled = labels is not None
         self._batch_loss = tf.function(self._batch_loss_eager)
         self.evaluations = 0
         self.seconds = 0.0
@@ -88,8 +101,13 @@ class NetworkObjective:
         return "regression"
 
     @property
+    def batches(self):
+        """The batches the steps fit on (flat input lists)."""
+        return self._all_batches[: self.fit_batches]
+
+    @property
     def criterion(self):
-        if self.labels is not None:
+        if self.labelled:
             return "cross-entropy"
         return "KL(float || quantized)" if "regression" not in self.kinds else "KL / relative MSE"
 
@@ -137,7 +155,7 @@ class NetworkObjective:
             layer.capturing = True
         try:
             means = []
-            for xs in self.batches:
+            for xs in self._all_batches:
                 self.model(_model_inputs(xs), training=False)
                 means.append([tf.constant(layer.reference_mean.numpy()) for layer in self.correcting_layers])
         finally:
@@ -181,17 +199,41 @@ class NetworkObjective:
         self._assigned.pop(id(variable), None)
 
     def __call__(self, settings):
-        """The mean loss over the held inputs with `settings` applied."""
+        """The mean loss over the steps' inputs with `settings` applied."""
         started = time.perf_counter()
+        loss = self._mean_loss(settings, range(self.fit_batches), self.size)
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - started
+        return loss
+
+    def holdout_loss(self, settings):
+        """The mean loss over the held-out inputs, or None without them.
+
+        With bias correction, the held-out samples get the corrections
+        measured on the steps' samples (`bias_shifts`), as the exported
+        model would, not corrections measured on themselves.
+        """
+        if not self.holdout_size:
+            return None
+        shifts = self.bias_shifts(settings)
+        names = {id(layer): name for name, layer in self.kernel_layers.items()}
+        for layer in self.correcting_layers:
+            layer.fixed_shift.assign(shifts[names[id(layer)]].astype(np.float32))
+            layer.shift_fixed.assign(1.0)
+        try:
+            return self._mean_loss(settings, range(self.fit_batches, len(self._all_batches)), self.holdout_size)
+        finally:
+            for layer in self.correcting_layers:
+                layer.shift_fixed.assign(0.0)
+
+    def _mean_loss(self, settings, indices, size):
         self.record_reference_means(settings)
         self.assign(settings)
         total = 0.0
-        for i, xs in enumerate(self.batches):
-            labels = self.labels[i] if self.labels is not None else None
-            total += float(self._batch_loss(xs, self.references[i], labels, self.batch_means(i)))
-        self.evaluations += 1
-        self.seconds += time.perf_counter() - started
-        return total / self.size
+        for i in indices:
+            xs = self._all_batches[i]
+            total += float(self._batch_loss(xs, self.references[i], self._labels[i], self.batch_means(i)))
+        return total / size
 
     def _batch_loss_eager(self, xs, references, labels, reference_means):
         """Summed loss of one batch (traced once by `tf.function`)."""
@@ -213,6 +255,16 @@ class NetworkObjective:
                 log_p = _log_probabilities(reference, probabilities)
                 loss += tf.reduce_sum(tf.exp(log_p) * (log_p - log_q))
         return loss
+
+
+def _batched(inputs, labels, batch_size):
+    """`(batches, labels)`: flat input lists of `batch_size` samples, and their int32 labels (None each without)."""
+    size = int(inputs[0].shape[0])
+    starts = range(0, size, batch_size)
+    batches = [[tf.constant(a[start : start + batch_size]) for a in inputs] for start in starts]
+    if labels is None:
+        return batches, [None] * len(batches)
+    return batches, [tf.constant(np.asarray(labels[start : start + batch_size], dtype=np.int32)) for start in starts]
 
 
 def _model_inputs(xs):

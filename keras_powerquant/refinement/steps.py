@@ -24,6 +24,7 @@ increases its own objective on the calibration subsample.
 import dataclasses
 import math
 import time
+from typing import Optional
 
 import numpy as np
 from scipy import optimize
@@ -53,6 +54,10 @@ class StepReport:
         decisions: per layer / quantizer records (what was chosen, the
             losses that chose it).
         notes: other remarks.
+        holdout_loss_before, holdout_loss_after: the loss on the held-out
+            calibration samples before and after the step (None without).
+        kept: False when the step's result was discarded because the
+            held-out loss rose.
     """
 
     name: str
@@ -60,6 +65,9 @@ class StepReport:
     loss_after: float
     seconds: float = 0.0
     evaluations: int = 0
+    holdout_loss_before: Optional[float] = None
+    holdout_loss_after: Optional[float] = None
+    kept: bool = True
     decisions: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
 

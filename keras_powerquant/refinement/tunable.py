@@ -83,7 +83,9 @@ class TunableKernelMixin:
     bias correction), its output is mean-corrected as the module docstring
     says while `correcting` is 1, and a call made while `capturing` records
     the batch's per-channel output mean in `reference_mean` instead; the
-    last shift subtracted is kept in `applied_shift`.
+    last shift subtracted is kept in `applied_shift`. While `shift_fixed` is
+    1 the layer subtracts `fixed_shift` instead of the batch's shift, as
+    the exported layer does with its corrected bias.
     """
 
     corrects_mean = False
@@ -119,6 +121,10 @@ class TunableKernelMixin:
         self.applied_shift = self.add_weight(
             name="applied_shift", shape=self.bias_shape(input_shape, shape), initializer="zeros", trainable=False
         )
+        self.fixed_shift = self.add_weight(
+            name="fixed_shift", shape=self.bias_shape(input_shape, shape), initializer="zeros", trainable=False
+        )
+        self.shift_fixed = self.add_weight(name="shift_fixed", shape=(), initializer="zeros", trainable=False)
 
     def _finish(self, outputs):
         channel_shape = tuple(self.reference_mean.shape)
@@ -127,7 +133,9 @@ class TunableKernelMixin:
             if self.capturing:
                 self.reference_mean.assign(mean)
             else:
-                shift = self.correcting * (mean - self.reference_mean)
+                batch_shift = mean - self.reference_mean
+                fixed = self.shift_fixed
+                shift = self.correcting * (fixed * self.fixed_shift + (1.0 - fixed) * batch_shift)
                 self.applied_shift.assign(shift)
                 outputs = outputs - shift
         return super()._finish(outputs)
