@@ -28,6 +28,7 @@ from keras_powerquant.quantization.statistics import add_gaussians
 from keras_powerquant.quantization.statistics import batchnorm_gaussians
 from keras_powerquant.quantization.statistics import ChannelGaussians
 from keras_powerquant.quantization.statistics import concatenate_gaussians
+from keras_powerquant.quantization.statistics import layernorm_gaussians
 from keras_powerquant.quantization.statistics import linear_gaussians
 
 L = keras.layers
@@ -240,6 +241,16 @@ def _rescaled(layer, stats):
     return TensorStats.of_gaussians(gaussians)
 
 
+def _layer_norm(layer, output_shape):
+    """`layernorm_gaussians` of a LayerNormalization over the last axis alone (not RMS scaling)."""
+    rank, channels = len(output_shape), output_shape[-1]
+    if [axis % rank for axis in layer.axis] != [rank - 1] or layer.rms_scaling or channels is None:
+        return TensorStats.unknown("unknown: LayerNormalization not over the last axis alone, or RMS scaling")
+    gamma = np.asarray(layer.gamma) if layer.scale else np.ones(channels)
+    beta = np.asarray(layer.beta) if layer.center else np.zeros(channels)
+    return TensorStats.of_gaussians(layernorm_gaussians(gamma, beta))
+
+
 def propagate_statistics(graph, folds):
     """Data-free `TensorStats` of every tensor key of the graph.
 
@@ -263,6 +274,8 @@ def propagate_statistics(graph, folds):
                 out = TensorStats.of_gaussians(batchnorm_gaussians(gamma, beta))
             else:
                 out = TensorStats.unknown("unknown: BatchNormalization not on the last axis")
+        elif kind is L.LayerNormalization:
+            out = _layer_norm(layer, op.output_tensors[0].shape)
         elif not op.is_layer:
             out = _operation_stats(op, inputs)
         elif kind is L.PReLU:

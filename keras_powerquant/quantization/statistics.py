@@ -89,6 +89,20 @@ def batchnorm_gaussians(gamma, beta):
     return ChannelGaussians(beta, np.square(gamma), "batchnorm")
 
 
+def layernorm_gaussians(gamma, beta):
+    """The output model `Normal(beta_k, gamma_k^2)` of a LayerNormalization over the channel axis.
+
+    At every position the channels are normalized to mean 0 and variance 1
+    across channels, then scaled by `gamma` and shifted by `beta`. Taking
+    each channel's normalized value as standard normal over positions (true
+    on average over the channels, approximate for any one of them) gives
+    BatchNorm's model.
+    """
+    return ChannelGaussians(
+        np.asarray(beta, dtype=np.float64), np.square(np.asarray(gamma, dtype=np.float64)), "layernorm"
+    )
+
+
 def add_gaussians(inputs, rule="propagated: add"):
     """Sum of independent tensors: means and variances add."""
     return ChannelGaussians(
