@@ -10,7 +10,8 @@ float. Adding a layer type is one entry here (plus its PowerQuant layer).
 Kernel layouts (the `layout` strings of `keras_powerquant.quantization`'s
 folding, statistics and bias correction):
 
-- "dense": `(in, out)`; one output channel per column.
+- "dense": `(in, out)`; one output channel per column. An EinsumDense
+  over several trailing axes is a Dense on them flattened (`Flattening`).
 - "conv": `(*spatial, in // groups, out)` (Conv1D/2D/3D); the last axis is
   the output channel, the one before it the input channel within its group
   (output channel `o` reads input group `o // (out // groups)`).
