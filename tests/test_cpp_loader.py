@@ -117,14 +117,21 @@ def test_resnet8_exports_serve_in_the_cpp_loader(cpp_loader, resnet8_model, cifa
 
 
 def test_new_layer_types_serve_in_the_cpp_loader(cpp_loader, tmp_path):
-    """SeparableConv2D (split), Conv2DTranspose and EinsumDense, kernels decoded at load and per call."""
+    """SeparableConv2D (split), Conv2DTranspose and EinsumDense (also over several axes, as attention
+    projections), kernels decoded at load and per call."""
+    from tests.test_einsum_conversion import tokens
+    from tests.test_einsum_conversion import transformer
     from tests.test_new_layers_export import converted
 
     images = {"image": np.random.default_rng(5).standard_normal((8, 8, 8, 3)).astype("float32")}
     quantized = converted(wbits=4, abits=4)
+    projections, _ = kpq.convert(transformer(), 4, 4, calibration_data=tokens())
     exports = []
     for decode_weights in ("load", "call"):
         path = export_model(quantized, tmp_path / decode_weights, 1, decode_weights=decode_weights).saved_model_dir
         assert "Conv2DBackpropInput" in _ops(path)
         exports.append((f"new layer types, decoded at {decode_weights}", path, images))
+        folder = tmp_path / f"projections_{decode_weights}"
+        path = export_model(projections, folder, 1, decode_weights=decode_weights).saved_model_dir
+        exports.append((f"attention projections, decoded at {decode_weights}", path, {"tokens": tokens(8, seed=5)}))
     _check_served(exports, cpp_loader, tmp_path / "served")

@@ -90,19 +90,25 @@ def test_empirical_bias_correction_lowers_the_output_error():
     assert errors["empirical"] < 0.75 * errors[False]
 
 
-def test_einsum_equations_that_are_not_a_dense_stay_float_with_the_reason():
+def test_einsum_equations_that_are_not_a_dense_on_trailing_axes_stay_float_with_the_reason():
     inputs = keras.Input((4, 6))
     x = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 3), bias_axes="e", name="heads")(inputs)
     x = keras.layers.Reshape((4, 6))(x)
-    x = keras.layers.EinsumDense("abc,dc->abd", (None, 5), bias_axes="d", name="reversed")(x)
+    x = keras.layers.EinsumDense("abc,dc->abd", (4, 5), bias_axes="d", name="reversed")(x)
     x = keras.layers.BatchNormalization(name="bn")(x)
+    # One kernel per position: its axis 'b' is the input's sequence axis, not a contracted one.
+    x = keras.layers.EinsumDense("abc,bcd->abd", (4, 3), bias_axes="d", name="positions")(x)
     model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
     models._randomize(model, 4)
     data = np.random.default_rng(0).standard_normal((16, 4, 6)).astype("float32")
     quantized, report = kpq.convert(model, 8, 8, calibration_data=data)
     reasons = {entry.name: entry.reason for entry in report.float_layers}
-    assert set(reasons) == {"heads"} and "'abc,cde->abde'" in reasons["heads"]
-    assert type(quantized.get_layer("heads")) is keras.layers.EinsumDense
+    assert set(reasons) == {"positions"}
+    assert "'abc,bcd->abd'" in reasons["positions"] and "output axes 'b' are also input axes" in reasons["positions"]
+    assert type(quantized.get_layer("positions")) is keras.layers.EinsumDense
+    # A Dense onto two trailing axes: one scale per (head, width), the bias on both axes.
+    heads = quantized.get_layer("heads")
+    assert type(heads) is PowerQuantEinsumDense and heads.kernel_scale.shape == (2, 3) and heads.bias.shape == (2, 3)
     # The kernel stored as (c, d) for 'abc,dc->abd'; the BatchNorm folds into it.
     assert type(quantized.get_layer("reversed")) is PowerQuantEinsumDense
     assert quantized.get_layer("reversed")._kernel_shape == (6, 5)

@@ -82,3 +82,39 @@ def test_groups_and_zero_padding():
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="Unknown layout"):
         LinearLayerType(L.Dense, "transposed")
+
+
+@pytest.mark.parametrize(
+    "equation, output_shape, bias_axes, input_shape",
+    [
+        ("abcd,dce->abe", (None, 5), "e", (2, 6, 3, 4)),  # contracted letters in the other order
+        ("abc,ced->abde", (None, 3, 5), "e", (2, 6, 4)),  # output letters in the other order
+        ("...cd,cde->...e", 5, "e", (2, 7, 6, 3, 4)),
+        ("abc,cde->abde", (None, 3, 5), "d", (2, 6, 4)),  # a bias broadcast over the last axis
+    ],
+)
+def test_einsum_over_several_axes_is_a_dense_on_flattened_axes(equation, output_shape, bias_axes, input_shape):
+    """The converter's kernel is `(in, out)` on the flattened trailing axes, in input and output order."""
+    layer = L.EinsumDense(equation, output_shape, bias_axes=bias_axes)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(input_shape).astype("float32")
+    layer.build(input_shape)
+    layer.kernel.assign(rng.standard_normal(layer.kernel.shape))
+    layer.bias.assign(rng.standard_normal(layer.bias.shape))
+    outputs = layer(x).numpy()
+    entry = linear_type(layer)
+    assert entry.float_reason(layer) is None
+    kernel = entry.stored_kernel(layer, layer.kernel.numpy())
+    bias = entry.stored_bias(layer, layer.bias.numpy())
+    rows, columns = kernel.shape
+    leading = outputs.shape[: outputs.ndim - (2 if len(equation.split("->")[1].lstrip(".")) == 4 else 1)]
+    flat_inputs = x.reshape(leading + (rows,))
+    np.testing.assert_allclose((flat_inputs @ kernel + bias).reshape(outputs.shape), outputs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(entry.keras_kernel(layer, kernel), layer.kernel.numpy())
+    assert entry.output_channels(kernel.shape) == columns == int(np.prod(outputs.shape[len(leading) :]))
+    # The PowerQuant layer holds the same kernel in its own axes, and a bias on every output channel.
+    quantized = entry.quantized_class(weight_bits=8, use_bias=True, **entry.quantized_arguments(layer))
+    quantized(x)
+    assert quantized._kernel_shape == entry.quantized_kernel(layer, kernel).shape
+    assert tuple(quantized.bias.shape) == entry.quantized_bias(layer, bias).shape
+    np.testing.assert_array_equal(entry.converter_kernel(layer, entry.quantized_kernel(layer, kernel)), kernel)

@@ -76,7 +76,7 @@ def _shift(layer_plan, quantized_layer, input_mean, quantized_input_mean):
     op = layer_plan.op
     entry = linear_type(op.layer)
     coverage = _coverage(op)
-    dequantized = keras.ops.convert_to_numpy(quantized_layer.dequantized_kernel())
+    dequantized = entry.converter_kernel(op.layer, keras.ops.convert_to_numpy(quantized_layer.dequantized_kernel()))
     return bias_shift(
         effective_kernel(layer_plan.kernel, entry.layout, coverage),
         effective_kernel(dequantized, entry.layout, coverage),
@@ -109,24 +109,30 @@ def analytic_corrections(plan, stats, quantized_layers):
         if gaussians is None or gaussians.channels != channels or not _channels_last(layer_plan.layer):
             corrections[key] = BiasCorrection("analytic", reason="no data-free statistics of its input")
             continue
-        shift = _shift(layer_plan, quantized_layers[key], gaussians.mean, gaussians.mean)
+        # Each input channel's mean, at every index of the other contracted axes.
+        mean = np.tile(gaussians.mean, linear_type(layer_plan.layer).row_tiles(layer_plan.layer))
+        shift = _shift(layer_plan, quantized_layers[key], mean, mean)
         corrections[key] = BiasCorrection("analytic", shift)
     return corrections
 
 
-def _channel_sums(tensor):
-    """Per-channel sums over every axis but the last, float64 `(channels,)`."""
-    flat = tf.reshape(tf.cast(tensor, tf.float64), [-1, tf.shape(tensor)[-1]])
+def _channel_sums(tensor, channel_ndim):
+    """Per-channel sums over every axis but the `channel_ndim` last (flattened), float64 `(channels,)`."""
+    channels = tf.reduce_prod(tf.shape(tensor)[len(tensor.shape) - channel_ndim :])
+    flat = tf.reshape(tf.cast(tensor, tf.float64), [-1, channels])
     return tf.reduce_sum(flat, axis=0), tf.shape(flat, out_type=tf.int64)[0]
 
 
-def _summing(compute):
+def _summing(compute, channel_ndims):
     """A traced function: the per-channel sums of each tensor `compute(inputs)` returns.
 
-    Traced once and reused by every pass: the model's variables (the biases
-    being corrected) are read at each call.
+    `channel_ndims` gives, per tensor, how many trailing axes are its
+    channels. Traced once and reused by every pass: the model's variables
+    (the biases being corrected) are read at each call.
     """
-    return tf.function(lambda inputs: [_channel_sums(t) for t in keras.tree.flatten(compute(inputs))])
+    return tf.function(
+        lambda inputs: [_channel_sums(t, n) for t, n in zip(keras.tree.flatten(compute(inputs)), channel_ndims)]
+    )
 
 
 def _input_means(function, batches):
@@ -197,9 +203,12 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
         _, kept = graph.evaluate(inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=set(input_keys))
         return [kept[key] for key in input_keys]
 
-    float_means = dict(zip(layer_keys, _input_means(_summing(float_inputs), batches)))
+    # Means per input channel of the kernel: over several trailing axes for a flattened einsum.
+    layers = [plan.layers[key].layer for key in layer_keys]
+    channel_ndims = [linear_type(layer).input_channel_ndim(layer) for layer in layers]
+    float_means = dict(zip(layer_keys, _input_means(_summing(float_inputs, channel_ndims), batches)))
     probe = keras.Model(model.inputs, [quantized_layers[key].input for key in layer_keys])
-    probe_sums = _summing(lambda inputs: probe(inputs, training=False))
+    probe_sums = _summing(lambda inputs: probe(inputs, training=False), channel_ndims)
     waves = [[key for key in wave if key in float_means] for wave in _waves(graph, plan)]
     for done, wave in enumerate(waves, start=1):
         quantized_means = dict(zip(layer_keys, _input_means(probe_sums, batches)))
@@ -234,4 +243,6 @@ def apply_corrections(quantized_layers, corrections):
         if correction.shift is None:
             continue
         bias = quantized_layers[key].bias
-        bias.assign(keras.ops.convert_to_numpy(bias) - correction.shift.astype(np.float32))
+        # One shift per output channel, in the bias' shape (several axes for an einsum's).
+        shift = np.reshape(correction.shift, bias.shape).astype(np.float32)
+        bias.assign(keras.ops.convert_to_numpy(bias) - shift)

@@ -137,7 +137,13 @@ class ModelBuilder:
         activation = None if split else keras.activations.serialize(op.layer.activation)
         new = self._new_quantized_layer(plan, self.names(op.layer.name), activation)
         outputs = new(inputs)
-        new.set_float_weights(plan.kernel, plan.bias, plan.clip_fraction, plan.rounding_up)
+        entry = linear_type(op.layer)
+        new.set_float_weights(
+            entry.quantized_kernel(op.layer, plan.kernel),
+            entry.quantized_bias(op.layer, plan.bias),
+            plan.clip_fraction,
+            plan.rounding_up,
+        )
         self.quantized_layers[id(op.layer)] = new
         if split:
             outputs = self._new_activation_layer(output_quantizer, self.names(output_quantizer.name))(outputs)
@@ -151,12 +157,12 @@ class ModelBuilder:
 
     def _call_folded_float(self, op, values):
         layer = op.layer
-        config = {**layer.get_config(), "use_bias": True, "name": self.names(layer.name)}
-        new = layer.__class__.from_config(config)
+        entry = linear_type(layer)
+        new = layer.__class__.from_config({**entry.config_with_bias(layer), "name": self.names(layer.name)})
         args, kwargs = op.call_arguments(values)
         outputs = new(*args, **kwargs)
         kernel, bias = linear_weights(layer, self.folds[id(layer)])
-        new.set_weights([linear_type(layer).keras_kernel(layer, kernel), bias])
+        new.set_weights([entry.keras_kernel(layer, kernel), entry.quantized_bias(layer, bias)])
         return outputs
 
     def _call_float(self, op, values):

@@ -150,25 +150,26 @@ def batch_norm_parameters(bn):
 def linear_weights(layer, fold=None):
     """`(kernel, bias)` of a linear layer as float32 numpy, with `fold`'s BatchNorms folded in.
 
-    The kernel is in the layer type's `layout` (see `registry`).
-
-    `bias` is None for a layer without bias and no fold.
+    The kernel is in the layer type's `layout` and the bias one value per
+    output channel (see `registry`); `bias` is None for a layer without
+    bias and no fold.
     """
+    entry = linear_type(layer)
     kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), dtype=np.float32)
-    kernel = linear_type(layer).stored_kernel(layer, kernel)
+    kernel = entry.stored_kernel(layer, kernel)
     bias = None
     # EinsumDense has a bias when it has `bias_axes`, and no `use_bias`.
     if getattr(layer, "use_bias", True) and getattr(layer, "bias", None) is not None:
-        bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), dtype=np.float32)
+        bias = entry.stored_bias(layer, np.asarray(keras.ops.convert_to_numpy(layer.bias), dtype=np.float32))
     if fold is None:
         return kernel, bias
     if fold.input_batch_norm is not None:
         bn = fold.input_batch_norm
-        groups = linear_type(layer).groups(layer)
-        kernel, bias = fold_batch_norm_forward(
-            kernel, bias, *batch_norm_parameters(bn), bn.epsilon, fold.layout, groups
-        )
+        # A BatchNorm of the last input axis scales that channel at every index of the others.
+        parameters = [np.tile(p, entry.row_tiles(layer)) for p in batch_norm_parameters(bn)]
+        kernel, bias = fold_batch_norm_forward(kernel, bias, *parameters, bn.epsilon, fold.layout, entry.groups(layer))
     if fold.batch_norm is not None:
         bn = fold.batch_norm
-        kernel, bias = fold_batch_norm(kernel, bias, *batch_norm_parameters(bn), bn.epsilon, fold.layout)
+        parameters = [np.tile(p, entry.column_tiles(layer)) for p in batch_norm_parameters(bn)]
+        kernel, bias = fold_batch_norm(kernel, bias, *parameters, bn.epsilon, fold.layout)
     return kernel, bias

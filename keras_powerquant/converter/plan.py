@@ -16,6 +16,7 @@ from typing import Optional
 import keras
 import numpy as np
 
+from keras_powerquant import keras_internals
 from keras_powerquant.converter.folding import linear_weights
 from keras_powerquant.converter.layer_types import activation_layer_spec
 from keras_powerquant.converter.layer_types import ActivationSpec
@@ -82,7 +83,7 @@ class LayerPlan:
         clip_fraction: the kernel scale as a fraction of `max |W|`.
         per_channel: per-channel (True) or per-tensor (False) scales; None
             follows `convert`'s `per_channel`.
-        rounding_up: learned rounding (boolean, kernel shape: round up from
+        rounding_up: learned rounding (boolean, the PowerQuant layer's kernel shape: round up from
             the floor), or None to round to nearest.
     """
 
@@ -131,6 +132,14 @@ def _why_float(graph, op):
     if entry is None and not _has_kernel(layer):
         # Normalization scales, LayerScale factors...: quantizing them saves little and risks much.
         return f"{type(layer).__name__} has no kernel to quantize (its weights stay float32)"
+    inner = [inner for inner in keras_internals.all_layers(layer) if linear_type(inner) is not None]
+    if entry is None and inner:
+        # MultiHeadAttention: its projections are EinsumDense layers, but not calls of the model's graph.
+        kinds = ", ".join(sorted({type(i).__name__ for i in inner}))
+        return (
+            f"{type(layer).__name__} computes with {kinds} layers inside it, which are not converted "
+            "(only the model graph's own layers are)"
+        )
     if entry is None or entry.quantized_class is None:
         return f"no PowerQuant layer for {type(layer).__name__}"
     if len(graph.calls(layer)) != 1:

@@ -10,7 +10,8 @@ float. Adding a layer type is one entry here (plus its PowerQuant layer).
 Kernel layouts (the `layout` strings of `keras_powerquant.quantization`'s
 folding, statistics and bias correction):
 
-- "dense": `(in, out)`; one output channel per column.
+- "dense": `(in, out)`; one output channel per column. An EinsumDense
+  over several trailing axes is a Dense on them flattened (`Flattening`).
 - "conv": `(*spatial, in // groups, out)` (Conv1D/2D/3D); the last axis is
   the output channel, the one before it the input channel within its group
   (output channel `o` reads input group `o // (out // groups)`).
@@ -62,26 +63,106 @@ def _transposed_coverage(layer, input_shape, output_shape):
     return [transposed_tap_coverage(*sizes, k, s, d, layer.padding) for *sizes, k, s, d in axes]
 
 
-def _einsum_kernel_axes(layer):
-    return EinsumEquation.parse(layer.equation).storage_permutation()
+@dataclasses.dataclass(frozen=True)
+class Flattening:
+    """How a "dense" kernel with several input or output axes is a Dense on flattened axes.
+
+    The Keras kernel (after `kernel_axes`) is `row_shape + column_shape`;
+    the converter's kernel is its reshape to `(prod(row_shape),
+    prod(column_shape))`, rows and columns in row-major order, i.e. the
+    flattened trailing axes of the layer's input and output. The
+    statistics, folds and corrections of the last input (output) axis
+    repeat over the other row (column) axes: `row_tiles` (`column_tiles`)
+    times.
+    """
+
+    row_shape: tuple
+    column_shape: tuple
+
+    @property
+    def row_tiles(self):
+        return math.prod(self.row_shape[:-1])
+
+    @property
+    def column_tiles(self):
+        return math.prod(self.column_shape[:-1])
+
+    def flat_kernel(self, kernel):
+        return np.reshape(kernel, (math.prod(self.row_shape), math.prod(self.column_shape)))
+
+    def unflat_kernel(self, kernel):
+        return np.reshape(kernel, self.row_shape + self.column_shape)
+
+    def flat_bias(self, bias):
+        """A Keras bias (broadcasting against the output axes) as one value per column."""
+        return np.broadcast_to(bias, self.column_shape).ravel()
+
+
+def _generalised_dense_reason(equation, bias_axes):
+    """Why an EinsumDense is not a Dense on flattened trailing axes, or None.
+
+    It is one when the contracted kernel letters are the input's trailing
+    letters and the kernel's output letters the output's (each group in
+    any order), and the leading letters of input and output agree and are
+    not in the kernel (batch, sequence, elided axes on the left).
+    """
+    parts = EinsumEquation.parse(equation)
+    contracted, produced = parts.contracted_axes, parts.output_axes
+    inputs, outputs = parts.inputs, parts.outputs
+    problem = None
+    if parts.ellipsis == "right":
+        problem = "its ellipsis is on the right, after the axes it maps"
+    elif not contracted or not produced:
+        problem = "its kernel has no contracted axis or no output axis"
+    elif len(set(parts.kernel)) != len(parts.kernel) or len(set(inputs)) != len(inputs):
+        problem = "a letter repeats within a spec"
+    elif set(produced) & set(inputs):
+        problem = f"its output axes '{''.join(c for c in produced if c in inputs)}' are also input axes"
+    elif set(inputs[len(inputs) - len(contracted) :]) != set(contracted):
+        problem = f"the contracted axes '{contracted}' are not the input's trailing axes"
+    elif set(outputs[len(outputs) - len(produced) :]) != set(produced):
+        problem = f"the kernel's output axes '{produced}' are not the output's trailing axes"
+    elif inputs[: len(inputs) - len(contracted)] != outputs[: len(outputs) - len(produced)]:
+        problem = "the input's and output's leading (batch-like) axes differ"
+    elif bias_axes is not None and not set(bias_axes) <= set(produced):
+        problem = f"bias_axes '{bias_axes}' are not all kernel output axes"
+    if problem is None:
+        return None
+    return (
+        f"EinsumDense equation '{equation}' (bias_axes={bias_axes!r}) is not a Dense on trailing axes: {problem}"
+    )
 
 
 def _einsum_float_reason(layer):
-    """EinsumDense converts when it is a Dense on its input's last axis, kernel in either order."""
+    return _generalised_dense_reason(layer.equation, layer.bias_axes)
+
+
+def _einsum_dense_letters(layer):
+    """The kernel letters as the converter orders them: contracted in input order, outputs in output order."""
     parts = EinsumEquation.parse(layer.equation)
-    dense = (
-        len(parts.kernel) == 2
-        and parts.ellipsis != "right"
-        and parts.contracted_axes == parts.inputs[-1]
-        and parts.output_axes == parts.outputs[-1]
-        and layer.bias_axes in (None, parts.outputs[-1])
-    )
-    if dense:
-        return None
-    return (
-        f"EinsumDense equation '{layer.equation}' (bias_axes={layer.bias_axes!r}): only a Dense over the "
-        "input's last axis (e.g. '...b,bc->...c') is converted"
-    )
+    return "".join(c for c in parts.inputs if c in parts.contracted_axes), parts.channel_axes
+
+
+def _einsum_kernel_axes(layer):
+    rows, columns = _einsum_dense_letters(layer)
+    return tuple(EinsumEquation.parse(layer.equation).kernel.index(c) for c in rows + columns)
+
+
+def _einsum_flattening(layer):
+    sizes = dict(zip(EinsumEquation.parse(layer.equation).kernel, layer.kernel.shape))
+    rows, columns = _einsum_dense_letters(layer)
+    return Flattening(tuple(sizes[c] for c in rows), tuple(sizes[c] for c in columns))
+
+
+def _einsum_arguments(layer):
+    """The PowerQuantEinsumDense of the converter's kernel: its kernel letters in the converter's order.
+
+    Its bias, if any, covers every kernel output axis (`use_bias`): a bias
+    correction is per output channel.
+    """
+    rows, columns = _einsum_dense_letters(layer)
+    equation = EinsumEquation.parse(layer.equation).with_kernel(rows + columns)
+    return {"equation": equation, "output_shape": layer.get_config()["output_shape"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +179,8 @@ class LinearLayerType:
         config_keys: keys of the Keras layer's `get_config()` passed to
             `quantized_class` (besides the arguments every quantized layer
             takes: bits, exponent, activation, use_bias...).
+        arguments: `arguments(layer)`: those arguments, where they are not
+            config values as they are (then `config_keys` is unused).
         channel_axis: `channel_axis(layer, rank)`: the axis of the layer's
             rank-`rank` output that holds its output channels; a following
             BatchNorm folds into the layer only if it normalizes that axis.
@@ -114,6 +197,12 @@ class LinearLayerType:
             for layers whose taps do not reach them all (a transposed
             convolution's reach about `1 / stride`); None for convolutions,
             whose coverage only padding lowers.
+        flattening: `flattening(layer)`: the `Flattening` of a "dense"
+            kernel with several input or output axes (an EinsumDense over
+            several trailing axes), or None: the kernel is `layout` as it is.
+            The converter's kernel is then 2-D and its bias one value per
+            column; the PowerQuant layer holds them in their axes
+            (`quantized_kernel`, `quantized_bias`).
     """
 
     keras_class: type
@@ -124,6 +213,8 @@ class LinearLayerType:
     float_reason: Callable = lambda layer: None  # noqa: E731 - every instance is quantized
     kernel_axes: Optional[Callable] = None
     tap_coverage: Optional[Callable] = None
+    arguments: Optional[Callable] = None
+    flattening: Optional[Callable] = None
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -152,16 +243,59 @@ class LinearLayerType:
             return False
         return any(k > 1 for k in layer.kernel_size)
 
+    def row_tiles(self, layer):
+        """How often the input's last-axis channels repeat down the kernel's input channels."""
+        return 1 if self.flattening is None else self.flattening(layer).row_tiles
+
+    def column_tiles(self, layer):
+        """How often the output's last-axis channels repeat across the kernel's output channels."""
+        return 1 if self.flattening is None else self.flattening(layer).column_tiles
+
+    def input_channel_ndim(self, layer):
+        """How many trailing input axes the kernel's input channels index (flattened)."""
+        return 1 if self.flattening is None else len(self.flattening(layer).row_shape)
+
     def stored_kernel(self, layer, kernel):
         """The Keras kernel of `layer` in `layout`."""
-        return kernel if self.kernel_axes is None else np.transpose(kernel, self.kernel_axes(layer))
+        if self.kernel_axes is not None:
+            kernel = np.transpose(kernel, self.kernel_axes(layer))
+        return kernel if self.flattening is None else self.flattening(layer).flat_kernel(kernel)
 
     def keras_kernel(self, layer, kernel):
         """A kernel in `layout` back in the Keras layer's own layout."""
+        if self.flattening is not None:
+            kernel = self.flattening(layer).unflat_kernel(kernel)
         return kernel if self.kernel_axes is None else np.transpose(kernel, np.argsort(self.kernel_axes(layer)))
 
+    def stored_bias(self, layer, bias):
+        """The Keras layer's bias as one value per output channel of `layout`."""
+        return bias if self.flattening is None else self.flattening(layer).flat_bias(bias)
+
+    def quantized_kernel(self, layer, kernel):
+        """A kernel in `layout` in the stored layout of the layer's `quantized_class`."""
+        return kernel if self.flattening is None else self.flattening(layer).unflat_kernel(kernel)
+
+    def converter_kernel(self, layer, kernel):
+        """A kernel in the stored layout of `quantized_class` in `layout`: `quantized_kernel`'s inverse."""
+        return kernel if self.flattening is None else self.flattening(layer).flat_kernel(kernel)
+
+    def quantized_bias(self, layer, bias):
+        """One value per output channel in the bias shape of `quantized_class` (and of `config_with_bias`)."""
+        if bias is None or self.flattening is None:
+            return bias
+        return np.reshape(bias, self.flattening(layer).column_shape)
+
+    def config_with_bias(self, layer):
+        """The Keras layer's config with a bias on every output channel (to carry a folded BatchNorm)."""
+        config = layer.get_config()
+        if self.flattening is None:
+            return {**config, "use_bias": True}
+        return {**config, "bias_axes": _einsum_dense_letters(layer)[1]}
+
     def quantized_arguments(self, layer):
-        """The `config_keys` arguments of `quantized_class`, from the layer's config."""
+        """The layer-specific arguments of `quantized_class` (`arguments`, or the `config_keys` values)."""
+        if self.arguments is not None:
+            return self.arguments(layer)
         config = layer.get_config()
         return {key: config[key] for key in self.config_keys}
 
@@ -185,11 +319,13 @@ LINEAR_LAYER_TYPES = (
         L.EinsumDense,
         "dense",
         PowerQuantEinsumDense,
-        ("equation", "output_shape", "bias_axes"),
-        # A BatchNorm folds only into the equations that convert.
+        # A BatchNorm folds only into the equations that convert (its
+        # parameters repeated over the other kernel output axes).
         channel_axis=lambda layer, rank: rank - 1 if _einsum_float_reason(layer) is None else None,
         float_reason=_einsum_float_reason,
         kernel_axes=_einsum_kernel_axes,
+        arguments=_einsum_arguments,
+        flattening=_einsum_flattening,
     ),
 )
 _BY_CLASS = {entry.keras_class: entry for entry in LINEAR_LAYER_TYPES}

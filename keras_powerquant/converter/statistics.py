@@ -30,6 +30,8 @@ from keras_powerquant.quantization.statistics import ChannelGaussians
 from keras_powerquant.quantization.statistics import concatenate_gaussians
 from keras_powerquant.quantization.statistics import layernorm_gaussians
 from keras_powerquant.quantization.statistics import linear_gaussians
+from keras_powerquant.quantization.statistics import mixed_gaussians
+from keras_powerquant.quantization.statistics import tiled_gaussians
 
 L = keras.layers
 
@@ -112,8 +114,16 @@ def _linear_stats(op, stats_in, fold):
     if entry.tap_coverage is not None:
         coverage = entry.tap_coverage(layer, op.input_tensors[0].shape, op.output_tensors[0].shape)
         tap_weights = functools.reduce(np.multiply.outer, coverage)
+    # A kernel over several trailing input axes reads each last-axis channel at every index of the others.
+    gaussians = tiled_gaussians(gaussians, entry.row_tiles(layer))
     pre = linear_gaussians(gaussians, kernel, bias, entry.layout, entry.groups(layer), tap_weights)
-    return _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
+    out = _activated(TensorStats.of_gaussians(pre), fused_activation_spec(layer))
+    if entry.column_tiles(layer) == 1 or out.gaussians is None:
+        return out
+    # Several output axes: the moments of each last-axis channel mix its values over the
+    # other output axes; the tensor's samples keep every output channel's own distribution.
+    rule = f"{out.rule} (mixed over its output axes but the last)"
+    return TensorStats(mixed_gaussians(out.gaussians, op.output_tensors[0].shape[-1], rule), out.sampler, rule)
 
 
 def _flattened(stats, input_shape, output_shape):
@@ -130,17 +140,9 @@ def _flattened(stats, input_shape, output_shape):
         return stats.with_gaussians(None)
     channels, new_channels = input_shape[-1], output_shape[-1]
     if new_channels % channels == 0:
-        repeats = new_channels // channels
-        return stats.with_gaussians(
-            ChannelGaussians(np.tile(gaussians.mean, repeats), np.tile(gaussians.var, repeats), gaussians.rule)
-        )
+        return stats.with_gaussians(tiled_gaussians(gaussians, new_channels // channels))
     if channels % new_channels == 0:
-        means = gaussians.mean.reshape(-1, new_channels)
-        second_moments = (gaussians.var + np.square(gaussians.mean)).reshape(-1, new_channels)
-        mean = means.mean(axis=0)
-        return stats.with_gaussians(
-            ChannelGaussians(mean, second_moments.mean(axis=0) - np.square(mean), gaussians.rule)
-        )
+        return stats.with_gaussians(mixed_gaussians(gaussians, new_channels))
     return stats.with_gaussians(None)
 
 

@@ -49,6 +49,11 @@ class EinsumEquation:
         return "".join(c for c in self.kernel if c in self.outputs)
 
     @property
+    def channel_axes(self):
+        """Kernel letters that appear in the output, in output order: the axes of a bias per output channel."""
+        return "".join(c for c in self.outputs if c in self.kernel)
+
+    @property
     def contracted_axes(self):
         """Kernel letters summed over, in kernel order."""
         return "".join(c for c in self.kernel if c not in self.outputs)
@@ -150,7 +155,7 @@ class PowerQuantEinsumDense(QuantizedKernelLayer):
     def __init__(self, equation, output_shape, bias_axes=None, use_bias=None, **kwargs):
         parts = EinsumEquation.parse(equation)
         if use_bias and bias_axes is None:
-            bias_axes = "".join(c for c in parts.outputs if c in parts.output_axes)
+            bias_axes = parts.channel_axes
             if not bias_axes:
                 raise ValueError(f"`use_bias=True` needs an output axis in the kernel; {equation!r} has none.")
         elif use_bias is False and bias_axes is not None:
@@ -168,8 +173,10 @@ class PowerQuantEinsumDense(QuantizedKernelLayer):
         return self.equation_parts.kernel_shape(input_shape, output_shape, self.equation_parts.stored_kernel)
 
     def bias_shape(self, input_shape, kernel_shape):
+        """The bias' shape; without `bias_axes`, that of a bias on the kernel's output axes (`use_bias=True`)."""
         output_shape = self.compute_output_shape(input_shape)
-        return self.equation_parts.bias_shape(self.bias_axes, input_shape, output_shape)
+        bias_axes = self.equation_parts.channel_axes if self.bias_axes is None else self.bias_axes
+        return self.equation_parts.bias_shape(bias_axes, input_shape, output_shape)
 
     def call(self, inputs):
         return self._finish(keras.ops.einsum(self._stored_equation, inputs, self.call_kernel()))

@@ -117,6 +117,19 @@ def concatenate_gaussians(inputs, rule="propagated: concatenate"):
     )
 
 
+def tiled_gaussians(gaussians, repeats):
+    """Channels `k` of `repeats * channels`, each channel `k mod channels` of `gaussians`."""
+    return ChannelGaussians(np.tile(gaussians.mean, repeats), np.tile(gaussians.var, repeats), gaussians.rule)
+
+
+def mixed_gaussians(gaussians, channels, rule=None):
+    """`channels` channels, channel `k` an equal mixture of channels `k, k + channels, ...` (moment-matched)."""
+    means = gaussians.mean.reshape(-1, channels)
+    second_moments = (gaussians.var + np.square(gaussians.mean)).reshape(-1, channels)
+    mean = means.mean(axis=0)
+    return ChannelGaussians(mean, second_moments.mean(axis=0) - np.square(mean), rule or gaussians.rule)
+
+
 def linear_gaussians(gaussians, kernel, bias, layout, groups=1, tap_weights=None):
     """Propagates through a linear layer, inputs independent, padding ignored.
 
