@@ -80,6 +80,29 @@ def test_grid_step_is_never_worse_than_uniform(resnet):
     assert _kl(model, chosen, x) <= _kl(model, uniform, x) + 1e-6
 
 
+def test_gradient_batches_always_hold_32_samples():
+    from keras_powerquant.refinement.steps import _gradient_batches
+
+    for size in (9, 31, 33, 256):
+        batches = list(_gradient_batches(size, 4, seed=0))
+        assert len(batches) == 4
+        assert all(len(b) == 32 and b.min() >= 0 and b.max() < size for b in batches)
+        if size >= 32:
+            assert all(len(set(b.tolist())) == 32 for b in batches)
+
+
+def test_learned_rounding_on_an_odd_number_of_samples(resnet):
+    # 31 samples are too few to hold any out, so all 31 are fitted: gradient
+    # batches of 31 made oneDNN's Conv2DBackpropFilter abort the process on
+    # this model's 1x1 stride-2 projection.
+    model, x, _ = resnet
+    _, report = kpq.convert(
+        model, 4, 4, calibration_data=x[:31], refine=["rounding"], refine_samples=31, rounding_iterations=5
+    )
+    (step,) = report.refinement
+    assert step["name"] == "rounding" and len(step["decisions"]) == len(report.quantized_layers)
+
+
 def test_cross_entropy_with_labels(resnet):
     model, x, labels = resnet
     _, report = kpq.convert(model, 4, 4, calibration_data=x, calibration_labels=labels, refine=["grid"], **FAST)

@@ -449,7 +449,8 @@ def bits_step(context, settings, budget):
 _ROUNDING_WARMUP = 0.2
 _BETA_RANGE = (20.0, 2.0)
 _ROUNDING_WEIGHT = 0.01
-_ROUNDING_BATCH = 32
+# Samples in each gradient batch of learned rounding.
+_GRADIENT_BATCH = 32
 
 
 def _rounding_train_step(layer, optimizer):
@@ -472,6 +473,19 @@ def _rounding_train_step(layer, optimizer):
     return train_step
 
 
+def _gradient_batches(size, iterations, seed):
+    """Index arrays of learned rounding's gradient batches: `_GRADIENT_BATCH` samples each.
+
+    Always that many, drawn with replacement from smaller sets: TensorFlow
+    2.21's oneDNN Conv2DBackpropFilter aborts or corrupts memory on 1x1
+    stride-2 convolutions at some batch sizes (9, 31, 33, 39, 63 failed;
+    16, 32, 48, 64 ran).
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(iterations):
+        yield rng.choice(size, _GRADIENT_BATCH, replace=size < _GRADIENT_BATCH)
+
+
 def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
     """Learned rounding (AdaRound), layer by layer.
 
@@ -483,9 +497,9 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
     over its rounding variables `V`, where `x` is the layer's input in the
     float network and `x_q` in the quantized one. The codes then round up
     where `V >= 0`. The step keeps the result only if the network loss does
-    not rise. Exponents stay as LAPQ left them: learning them jointly by
-    gradient (NUPES) moved `floor(m (|W|/s)^a)` under the rounding variables
-    and raised the loss in our trials.
+    not rise. Exponents stay as LAPQ left them: learning them by gradient,
+    jointly with the rounding variables or alone (docs/method.md §8), did
+    not lower the network loss in our trials.
     """
     import keras
     import tensorflow as tf
@@ -520,12 +534,9 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
         train_step = _rounding_train_step(layer, keras.optimizers.Adam(learning_rate=1e-2))
         x_q = tf.concat(quantized_inputs, 0)
         target = tf.concat(targets, 0)
-        size = int(x_q.shape[0])
-        rng = np.random.default_rng(done)
         warmup = int(iterations * _ROUNDING_WARMUP)
         first_error = last_error = None
-        for step in range(iterations):
-            index = rng.choice(size, min(_ROUNDING_BATCH, size), replace=False)
+        for step, index in enumerate(_gradient_batches(int(x_q.shape[0]), iterations, seed=done)):
             progress = max(step - warmup, 0) / max(iterations - warmup, 1)
             beta = _BETA_RANGE[0] + (_BETA_RANGE[1] - _BETA_RANGE[0]) * progress
             weight = 0.0 if step < warmup else _ROUNDING_WEIGHT
