@@ -1,5 +1,7 @@
 """Loss-aware refinement: each step lowers its own objective, refined models export like any other."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,54 @@ def test_learned_rounding_on_an_odd_number_of_samples(resnet):
     )
     (step,) = report.refinement
     assert step["name"] == "rounding" and len(step["decisions"]) == len(report.quantized_layers)
+
+
+def test_cached_kernels_follow_every_setting_change(resnet):
+    # An evaluation reads each layer's kernel from a cache that `assign`
+    # recomputes when the layer's settings change: it must never be stale.
+    from keras_powerquant.converter.calibration import calibration_batches
+    from keras_powerquant.converter.calibration import record_samples
+    from keras_powerquant.converter.convert import _fit_activations
+    from keras_powerquant.converter.convert import _fit_weights
+    from keras_powerquant.converter.folding import plan_folds
+    from keras_powerquant.converter.graph import FlatGraph
+    from keras_powerquant.converter.plan import plan_conversion
+    from keras_powerquant.refinement.objective import NetworkObjective
+
+    model, x, _ = resnet
+    graph = FlatGraph(model)
+    folds, _ = plan_folds(graph)
+    plan = plan_conversion(graph, folds, 4, 4, False, 8)
+    samples = record_samples(graph, calibration_batches(x, graph.input_tensors, 16, None), list(plan.quantizers))
+    def no_progress(done, total):
+        pass
+
+    _fit_weights(plan, "powerquant", "layer", True, 2.0, (0.1, 2.0), False, no_progress)
+    _fit_activations(plan, samples, dict.fromkeys(plan.quantizers, "calibration"), "powerquant", "layer", 2.0,
+                     (0.1, 2.0), True, no_progress)
+    objective = NetworkObjective(graph, folds, plan, True, [x[:32]], correct_bias=True)
+    settings = Settings.from_plan(plan, True)
+    first, second = list(settings.kernels)[:2]
+
+    def assert_fresh():
+        for layer in objective.kernel_layers.values():
+            np.testing.assert_array_equal(layer.cached_kernel.numpy(), layer.dequantized_kernel().numpy())
+
+    loss = objective(settings)
+    assert_fresh()
+    changes = [
+        {first: dataclasses.replace(settings.kernels[first], exponent=0.5)},
+        {second: dataclasses.replace(settings.kernels[second], bits=3, clip_fraction=0.8)},
+        {first: dataclasses.replace(settings.kernels[first], per_channel=False)},
+    ]
+    losses = []
+    for change in changes:
+        settings_now = settings.replace(kernels=change)
+        losses.append(objective(settings_now))
+        assert_fresh()
+    objective.assign(settings, quantized=False)
+    assert_fresh()
+    assert objective(settings) == loss and len(set(losses + [loss])) == 4
 
 
 def test_cross_entropy_with_labels(resnet):

@@ -112,28 +112,36 @@ class NetworkObjective:
         return "KL(float || quantized)" if "regression" not in self.kinds else "KL / relative MSE"
 
     def _assign(self, variable, value):
+        """Assigns `value` unless the variable holds it already; returns whether it changed."""
         # Skipping unchanged variables keeps an evaluation that moves one
         # coordinate (Powell's line searches) from assigning all of them.
-        if self._assigned.get(id(variable)) != value:
-            variable.assign(value)
-            self._assigned[id(variable)] = value
+        if self._assigned.get(id(variable)) == value:
+            return False
+        variable.assign(value)
+        self._assigned[id(variable)] = value
+        return True
 
     def assign(self, settings, quantized=True):
         """Sets the model's variables to `settings`; `quantized=False` makes it the float model."""
         for name, setting in settings.kernels.items():
             layer = self.kernel_layers[name]
-            self._assign(layer.exponent, float(setting.exponent))
-            self._assign(layer.clip_fraction, float(setting.clip_fraction))
-            self._assign(layer.max_code, float(2 ** (setting.bits - 1) - 1))
-            self._assign(layer.per_channel_flag, 1.0 if setting.per_channel else 0.0)
+            changed = [
+                self._assign(layer.exponent, float(setting.exponent)),
+                self._assign(layer.clip_fraction, float(setting.clip_fraction)),
+                self._assign(layer.max_code, float(2 ** (setting.bits - 1) - 1)),
+                self._assign(layer.per_channel_flag, 1.0 if setting.per_channel else 0.0),
+            ]
             rounding_up = settings.rounding.get(name)
             if rounding_up is not None:
                 # The array changes with the settings that hold it: compare by identity.
                 if self._assigned.get(id(layer.rounding)) is not rounding_up:
                     layer.rounding.assign(np.where(rounding_up, 1.0, -1.0).astype(np.float32))
                     self._assigned[id(layer.rounding)] = rounding_up
+                    changed.append(True)
             mode = FLOAT if not quantized else (HARD if rounding_up is not None else NEAREST)
-            self._assign(layer.rounding_mode, mode)
+            changed.append(self._assign(layer.rounding_mode, mode))
+            if any(changed):
+                layer.refresh_kernel()
         for key, setting in settings.activations.items():
             layer = self.activation_layers[key]
             self._assign(layer.clip, float(setting.clip))
@@ -195,7 +203,7 @@ class NetworkObjective:
         return self.reference_means[index] if self.reference_means is not None else []
 
     def forget(self, variable):
-        """Marks a variable as changed outside `assign` (by an optimizer)."""
+        """Marks a variable as changed outside `assign` (by an optimizer): the next `assign` sets it."""
         self._assigned.pop(id(variable), None)
 
     def __call__(self, settings):

@@ -531,19 +531,26 @@ def rounding_step(context, settings, iterations=ROUNDING_ITERATIONS):
         layer.rounding_mode.assign(SOFT)
         objective.forget(layer.rounding)
         objective.forget(layer.rounding_mode)
-        train_step = _rounding_train_step(layer, keras.optimizers.Adam(learning_rate=1e-2))
         x_q = tf.concat(quantized_inputs, 0)
         target = tf.concat(targets, 0)
         warmup = int(iterations * _ROUNDING_WARMUP)
         first_error = last_error = None
-        for step, index in enumerate(_gradient_batches(int(x_q.shape[0]), iterations, seed=done)):
-            progress = max(step - warmup, 0) / max(iterations - warmup, 1)
-            beta = _BETA_RANGE[0] + (_BETA_RANGE[1] - _BETA_RANGE[0]) * progress
-            weight = 0.0 if step < warmup else _ROUNDING_WEIGHT
-            error = train_step(tf.gather(x_q, index), tf.gather(target, index), tf.constant(beta), tf.constant(weight))
-            error = float(error)
-            first_error = error if first_error is None else first_error
-            last_error = error
+        # While trained, the layer computes its kernel from the rounding variables on each call.
+        layer.live = True
+        try:
+            train_step = _rounding_train_step(layer, keras.optimizers.Adam(learning_rate=1e-2))
+            for step, index in enumerate(_gradient_batches(int(x_q.shape[0]), iterations, seed=done)):
+                progress = max(step - warmup, 0) / max(iterations - warmup, 1)
+                beta = _BETA_RANGE[0] + (_BETA_RANGE[1] - _BETA_RANGE[0]) * progress
+                weight = 0.0 if step < warmup else _ROUNDING_WEIGHT
+                error = train_step(
+                    tf.gather(x_q, index), tf.gather(target, index), tf.constant(beta), tf.constant(weight)
+                )
+                error = float(error)
+                first_error = error if first_error is None else first_error
+                last_error = error
+        finally:
+            layer.live = False
         rounding_up = layer.rounding.numpy() >= 0
         current = current.replace(rounding={name: rounding_up})
         report.decisions.append(

@@ -78,7 +78,9 @@ class TunableKernelMixin:
 
     The layer keeps the float kernel and computes `dequantized_kernel()`
     from the variables `exponent`, `clip_fraction`, `max_code` (`2^(b-1) - 1`)
-    and `per_channel` (1.0 or 0.0). When `corrects_mean` (set before the
+    and `per_channel` (1.0 or 0.0). Calls read it from `cached_kernel`,
+    which `refresh_kernel()` recomputes when a setting changes (most
+    evaluations change one layer's), unless `live` is set. When `corrects_mean` (set before the
     layer is built; channels-last layers only, as conversion's empirical
     bias correction), its output is mean-corrected as the module docstring
     says while `correcting` is 1, and a call made while `capturing` records
@@ -90,6 +92,9 @@ class TunableKernelMixin:
 
     corrects_mean = False
     capturing = False
+    # While True (a step training the layer's own variables), calls compute
+    # the kernel from its settings; else they read `cached_kernel`.
+    live = False
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -109,6 +114,9 @@ class TunableKernelMixin:
         self.max_code = self.add_weight(name="max_code", shape=(), initializer="ones", trainable=False)
         self.per_channel_flag = self.add_weight(
             name="per_channel", shape=(), initializer="ones", trainable=False
+        )
+        self.cached_kernel = self.add_weight(
+            name="cached_kernel", shape=shape, initializer="zeros", trainable=False
         )
         self.rounding = self.add_weight(name="rounding", shape=shape, initializer="zeros", trainable=True)
         self.rounding_mode = self.add_weight(
@@ -139,6 +147,13 @@ class TunableKernelMixin:
                 self.applied_shift.assign(shift)
                 outputs = outputs - shift
         return super()._finish(outputs)
+
+    def call_kernel(self):
+        return self.op_kernel(self.dequantized_kernel() if self.live else self.cached_kernel)
+
+    def refresh_kernel(self):
+        """Recomputes `cached_kernel` from the settings: after any of them changes."""
+        self.cached_kernel.assign(self.dequantized_kernel())
 
     def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None):
         # Learned rounding reaches this model through `NetworkObjective.assign`.
