@@ -69,9 +69,11 @@ class NetworkObjective:
         self.model = builder.build()
         self.kernel_layers = builder.kernel_layers
         self.activation_layers = builder.activation_layers
-        self.correcting_layers = [
-            layer for layer in self.kernel_layers.values() if correct_bias and layer.corrects_mean
-        ]
+        # The layers whose output means the loss corrects, by name.
+        self.correcting = {
+            name: layer for name, layer in self.kernel_layers.items() if correct_bias and layer.corrects_mean
+        }
+        self.correcting_layers = list(self.correcting.values())
         # Per batch, the float model's output means of the correcting layers (recorded on first use).
         self.reference_means = None
         self.size = int(inputs[0].shape[0])
@@ -183,16 +185,14 @@ class NetworkObjective:
             return {}
         self.record_reference_means(settings)
         self.assign(settings)
-        totals = {}
+        totals = dict.fromkeys(self.correcting, 0.0)
         for index, xs in enumerate(self.batches):
             self.use_batch(index)
             self.model(_model_inputs(xs), training=False)
             weight = int(xs[0].shape[0])
-            for layer in self.correcting_layers:
-                shift = layer.applied_shift.numpy().astype(np.float64) * weight
-                totals[layer] = totals.get(layer, 0.0) + shift
-        names = {id(layer): name for name, layer in self.kernel_layers.items()}
-        return {names[id(layer)]: total / self.size for layer, total in totals.items()}
+            for name, layer in self.correcting.items():
+                totals[name] += layer.applied_shift.numpy().astype(np.float64) * weight
+        return {name: total / self.size for name, total in totals.items()}
 
     def use_batch(self, index):
         """Sets the correcting layers' float output means to those of batch `index` (for direct model calls)."""
@@ -224,9 +224,8 @@ class NetworkObjective:
         if not self.holdout_size:
             return None
         shifts = self.bias_shifts(settings)
-        names = {id(layer): name for name, layer in self.kernel_layers.items()}
-        for layer in self.correcting_layers:
-            layer.fixed_shift.assign(shifts[names[id(layer)]].astype(np.float32))
+        for name, layer in self.correcting.items():
+            layer.fixed_shift.assign(shifts[name].astype(np.float32))
             layer.shift_fixed.assign(1.0)
         try:
             return self._mean_loss(settings, range(self.fit_batches, len(self._all_batches)), self.holdout_size)
