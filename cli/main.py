@@ -33,6 +33,7 @@ from keras_powerquant.limits import DEFAULT_STEPS
 from keras_powerquant.limits import MAX_BITS
 from keras_powerquant.limits import MAX_WARMUP_REQUESTS
 from keras_powerquant.limits import MIN_BITS
+from keras_powerquant.limits import ROUNDING_ITERATIONS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 
@@ -284,6 +285,9 @@ def _format_bytes(count):
               help="Calibration samples refinement evaluates the network on.")
 @click.option("--refine-evaluations", type=click.IntRange(min=0), default=DEFAULT_MAX_EVALUATIONS, show_default=True,
               help="Network evaluations LAPQ's Powell search may spend.")
+@click.option("--rounding-iterations", type=click.IntRange(min=0), default=ROUNDING_ITERATIONS, show_default=True,
+              help="Gradient steps per layer of learned rounding (the refinement step 'rounding'); "
+              "its time grows linearly with them.")
 @click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
               help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
@@ -302,8 +306,8 @@ def _format_bytes(count):
 @_handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
             scope, quantize_first_last, fast_activations, weight_clipping, bias_correction, refine, calibration_labels,
-            target_size, mean_bits, refine_samples, refine_evaluations, version, output_format, overwrite,
-            decode_weights, warmup, config_file, as_json):
+            target_size, mean_bits, refine_samples, refine_evaluations, rounding_iterations, version, output_format,
+            overwrite, decode_weights, warmup, config_file, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -356,6 +360,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         "mean_bits": mean_bits,
         "refine_samples": refine_samples,
         "refine_evaluations": refine_evaluations,
+        "rounding_iterations": rounding_iterations,
     }
     # Options left at their defaults are ConversionConfig's (the same values) or the --config file's.
     context = click.get_current_context()

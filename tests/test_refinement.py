@@ -275,14 +275,16 @@ def test_cli_refine_writes_the_steps_into_the_report(small_files, monkeypatch):
     monkeypatch.chdir(folder)
     result = invoke(
         "convert", paths["keras"], "-o", "out", "--calibration-data", "calib.npy", "--calibration-labels",
-        "labels.npy", "--refine", "grid,lapq", "--refine-evaluations", "10", "--json",
+        "labels.npy", "--refine", "grid,lapq,rounding", "--refine-evaluations", "10", "--rounding-iterations", "3",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     import json
 
     report = json.loads(result.stdout)
-    assert [step["name"] for step in report["report"]["refinement"]] == ["grid", "lapq"]
+    assert [step["name"] for step in report["report"]["refinement"]] == ["grid", "lapq", "rounding"]
     assert report["report"]["options"]["labelled"] is True
+    assert report["report"]["options"]["rounding_iterations"] == 3
 
 
 def test_cli_error_format_for_bad_labels_file(small_files, monkeypatch):
