@@ -132,10 +132,10 @@ def _why_float(graph, op):
     if entry is None and not _has_kernel(layer):
         # Normalization scales, LayerScale factors...: quantizing them saves little and risks much.
         return f"{type(layer).__name__} has no kernel to quantize (its weights stay float32)"
-    inner = [inner for inner in keras_internals.all_layers(layer) if linear_type(inner) is not None]
-    if entry is None and inner:
+    inner = [] if entry is not None else [s for s in keras_internals.all_layers(layer) if linear_type(s) is not None]
+    if inner:
         # MultiHeadAttention: its projections are EinsumDense layers, but not calls of the model's graph.
-        kinds = ", ".join(sorted({type(i).__name__ for i in inner}))
+        kinds = ", ".join(sorted({type(s).__name__ for s in inner}))
         return (
             f"{type(layer).__name__} computes with {kinds} layers inside it, which are not converted "
             "(only the model graph's own layers are)"

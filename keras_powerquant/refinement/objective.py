@@ -73,7 +73,6 @@ class NetworkObjective:
         self.correcting = {
             name: layer for name, layer in self.kernel_layers.items() if correct_bias and layer.corrects_mean
         }
-        self.correcting_layers = list(self.correcting.values())
         # Per batch, the float model's output means of the correcting layers (recorded on first use).
         self.reference_means = None
         self.size = int(inputs[0].shape[0])
@@ -101,6 +100,10 @@ class NetworkObjective:
         if values.ndim == 2 and values.shape[1] > 1:
             return "probabilities" if _is_probabilities(values) else "logits"
         return "regression"
+
+    @property
+    def correcting_layers(self):
+        return list(self.correcting.values())
 
     @property
     def batches(self):

@@ -80,10 +80,11 @@ class TunableKernelMixin:
     from the variables `exponent`, `clip_fraction`, `max_code` (`2^(b-1) - 1`)
     and `per_channel` (1.0 or 0.0). Calls read it from `cached_kernel`,
     which `refresh_kernel()` recomputes when a setting changes (most
-    evaluations change one layer's), unless `live` is set. When `corrects_mean` (set before the
-    layer is built; channels-last layers only, as conversion's empirical
-    bias correction), its output is mean-corrected as the module docstring
-    says while `correcting` is 1, and a call made while `capturing` records
+    evaluations change one layer's), unless `live` is set. When
+    `corrects_mean` (set before the layer is built; channels-last layers
+    only, as conversion's empirical bias correction), its output is
+    mean-corrected as the module docstring says while `correcting` is 1,
+    and a call made while `capturing` records
     the batch's per-channel output mean in `reference_mean` instead; the
     last shift subtracted is kept in `applied_shift`. While `shift_fixed` is
     1 the layer subtracts `fixed_shift` instead of the batch's shift, as
