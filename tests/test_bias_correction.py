@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 import keras_powerquant as kpq
+from keras_powerquant.errors import UnsupportedModelError
 from keras_powerquant.quantization.bias_correction import effective_kernel
 from keras_powerquant.quantization.bias_correction import mean_output
 from keras_powerquant.quantization.bias_correction import tap_coverage
 from tests import models
+from tests.cpu_kernels import skip_unless_runs
 
 
 @pytest.mark.parametrize(
@@ -238,7 +240,9 @@ def test_cli_options_and_usage_errors(tmp_path):
 
 def test_channels_first_layers_are_left_uncorrected_with_a_reason():
     inputs = keras.Input((3, 8, 8))
-    x = keras.layers.Conv2D(4, 3, padding="same", data_format="channels_first", name="conv_cf")(inputs)
+    convolution = keras.layers.Conv2D(4, 3, padding="same", data_format="channels_first", name="conv_cf")
+    skip_unless_runs(convolution, (3, 8, 8))
+    x = convolution(inputs)
     x = keras.layers.ReLU()(x)
     x = keras.layers.Flatten()(x)
     outputs = keras.layers.Dense(5, name="head")(x)
@@ -253,3 +257,26 @@ def test_channels_first_layers_are_left_uncorrected_with_a_reason():
 def test_callback_rejects_bad_options_at_construction(tmp_path, options):
     with pytest.raises(ValueError, match="must be"):
         kpq.PowerQuantExport(tmp_path / "export", **options)
+
+
+class _RefusedOnThisDevice(keras.layers.Layer):
+    """Fails as TensorFlow's plain CPU kernels fail a channels_first Conv2D: an InvalidArgumentError from an op."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        tf.debugging.assert_less(x, -1.0, message="The Conv2D op currently only supports the NHWC tensor format")
+        return x
+
+
+def test_a_float_layer_this_machine_cannot_run_is_named_in_a_clear_error():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = _RefusedOnThisDevice(name="refused")(x)
+    outputs = keras.layers.Dense(5)(keras.layers.Flatten()(x))
+    calibration = np.random.default_rng(0).random((4, 8, 8, 3)).astype("float32")
+    with pytest.raises(UnsupportedModelError) as raised:
+        kpq.convert(keras.Model(inputs, outputs), 4, 4, calibration_data=calibration)
+    message = str(raised.value)
+    assert message.startswith("Layer 'refused' (_RefusedOnThisDevice) cannot run on this machine's TensorFlow kernels")
+    assert "only supports the NHWC tensor format" in message and "\n" not in message

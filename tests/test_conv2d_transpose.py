@@ -10,6 +10,7 @@ from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.layers import PowerQuantConv2DTranspose
 from keras_powerquant.quantization.packing import unpack_nibbles
 from keras_powerquant.quantization.weights import WeightQuantizer
+from tests.cpu_kernels import skip_unless_runs
 
 VARIANTS = [
     dict(kernel_size=3),
@@ -32,6 +33,7 @@ def float_and_quantized(options, bits, per_channel=True, exponent=1.0, seed=0):
     channels_first = options.get("data_format") == "channels_first"
     shape = (2, 3, 5, 6) if channels_first else (2, 5, 6, 3)
     reference = keras.layers.Conv2DTranspose(FILTERS, **options)
+    skip_unless_runs(reference, shape[1:])
     reference.build(shape)
     reference.kernel.assign(rng.standard_normal(reference.kernel.shape).astype(np.float32))
     reference.bias.assign(rng.standard_normal(FILTERS).astype(np.float32))
@@ -76,6 +78,51 @@ def test_8_bit_output_within_the_rounding_bound_of_the_float_layer(variant):
     bound = reference(np.abs(x)).numpy()
     assert np.all(np.abs(outputs - expected) <= bound + 1e-5)
     assert np.sqrt(np.mean(np.square(outputs - expected))) < 0.01 * np.std(expected)
+
+
+def numpy_conv_transpose(x, kernel, kernel_size, strides=1, padding="valid", dilation_rate=1, output_padding=None):
+    """Transposed convolution by its definition: each input pixel adds `kernel[a, b] @ x` at `i s + a d`.
+
+    `x` is `(batch, rows, cols, in)`, `kernel` Keras' `(kh, kw, out, in)`;
+    "same" crops the full result as the gradient of a "same" convolution does.
+    """
+    s, d = (strides,) * 2 if isinstance(strides, int) else strides, (dilation_rate,) * 2
+    kh, kw = kernel.shape[:2]
+    span = [d[0] * (kh - 1) + 1, d[1] * (kw - 1) + 1]
+    full = np.zeros((x.shape[0], (x.shape[1] - 1) * s[0] + span[0], (x.shape[2] - 1) * s[1] + span[1], kernel.shape[2]))
+    for a, b in np.ndindex(kh, kw):
+        contribution = np.einsum("nijc,oc->nijo", x, kernel[a, b])
+        full[:, a * d[0] :: s[0], b * d[1] :: s[1]][:, : x.shape[1], : x.shape[2]] += contribution
+    if padding == "same":
+        assert output_padding is None
+        top = [max(span[i] - s[i], 0) // 2 for i in range(2)]
+        return full[:, top[0] : top[0] + x.shape[1] * s[0], top[1] : top[1] + x.shape[2] * s[1]]
+    extra = output_padding or (0, 0)
+    return np.pad(full, [(0, 0), (0, extra[0]), (0, extra[1]), (0, 0)])
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_equals_the_transposed_convolution_by_its_definition(variant):
+    """Runs on every kernel set, dilated and channels_first included, where the float Keras layer may not."""
+    options = dict(VARIANTS[variant])
+    channels_first = options.pop("data_format", None) == "channels_first"
+    rng = np.random.default_rng(20 + variant)
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    layer = PowerQuantConv2DTranspose(
+        FILTERS,
+        weight_bits=8,
+        use_bias=False,
+        data_format="channels_first" if channels_first else "channels_last",
+        **options,
+    )
+    layer.build(np.transpose(x, (0, 3, 1, 2)).shape if channels_first else x.shape)
+    layer.set_float_weights(rng.standard_normal(layer._kernel_shape).astype(np.float32))
+    outputs = layer(np.transpose(x, (0, 3, 1, 2)) if channels_first else x).numpy()
+    if channels_first:
+        outputs = np.transpose(outputs, (0, 2, 3, 1))
+    expected = numpy_conv_transpose(x, to_keras_layout(layer.dequantized_kernel().numpy()), **options)
+    assert outputs.shape == expected.shape
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -151,6 +198,7 @@ def test_tap_coverage_is_where_each_tap_writes(variant):
     options = VARIANTS[variant]
     layer = keras.layers.Conv2DTranspose(1, use_bias=False, **options)
     x = np.ones((1, 5, 6, 1), np.float32)
+    skip_unless_runs(layer, x.shape[1:])
     outputs = layer(x)
     coverage = linear_type(layer).tap_coverage(layer, x.shape, outputs.shape)
     for tap in np.ndindex(*layer.kernel_size):

@@ -15,10 +15,13 @@ computes (see `separable`).
 import dataclasses
 
 import keras
+import tensorflow as tf
 
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.separable import is_separable
 from keras_powerquant.converter.separable import SeparableSplitter
+from keras_powerquant.errors import op_error_reason
+from keras_powerquant.errors import UnsupportedModelError
 
 
 def is_graph_model(layer):
@@ -185,7 +188,15 @@ class FlatGraph:
         kept = {k: v for k, v in values.items() if keep is not None and k in keep}
         for op in self.ops:
             args, kwargs = op.call_arguments(values)
-            outputs = keras.tree.flatten(call_op(op, args, kwargs))
+            try:
+                outputs = keras.tree.flatten(call_op(op, args, kwargs))
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+                # E.g. a channels_first Conv2D or a dilated Conv2DTranspose
+                # on a CPU without oneDNN: the float layer itself cannot run.
+                raise UnsupportedModelError(
+                    f"Layer '{op.layer.name}' ({type(op.layer).__name__}) cannot run on this machine's "
+                    f"TensorFlow kernels: {op_error_reason(error)}"
+                ) from error
             for key, value in zip(op.output_keys, outputs):
                 values[key] = value
                 if keep is not None and key in keep:

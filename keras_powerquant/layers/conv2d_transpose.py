@@ -64,7 +64,9 @@ class PowerQuantConv2DTranspose(PowerQuantBaseConv):
 
     def _convolve(self, inputs, kernel):
         # NHWC only (see `call`): TensorFlow's Conv2DBackpropInput has CPU
-        # and GPU kernels for it.
+        # and GPU kernels for it, but without oneDNN none for dilation > 1.
+        if max(self.dilation_rate) > 1:
+            return self._dilated_as_convolution(inputs, kernel)
         return keras.ops.conv_transpose(
             inputs,
             kernel,
@@ -74,6 +76,25 @@ class PowerQuantConv2DTranspose(PowerQuantBaseConv):
             data_format="channels_last",
             dilation_rate=self.dilation_rate,
         )
+
+    def _dilated_as_convolution(self, inputs, kernel):
+        """A dilated (so stride 1) transposed convolution, as the forward convolution it equals.
+
+        With stride 1, `conv_transpose(x, W)` is the convolution of `x` with
+        `W` flipped in space and its channel axes swapped, after padding each
+        spatial axis with `t = d (k - 1)` zeros for "valid", or with the
+        `(t - t // 2, t // 2)` that mirror the forward "same" convolution's
+        `(t // 2, t - t // 2)`. Plain dilated convolutions run on every
+        TensorFlow device, where Conv2DBackpropInput with dilation needs oneDNN.
+        """
+        forward_kernel = tf.transpose(tf.reverse(kernel, axis=(0, 1)), (0, 1, 3, 2))
+        totals = [d * (k - 1) for d, k in zip(self.dilation_rate, self.kernel_size)]
+        if self.padding == "valid":
+            pads = [(t, t) for t in totals]
+        else:
+            pads = [(t - t // 2, t // 2) for t in totals]
+        padded = tf.pad(inputs, [(0, 0), *pads, (0, 0)])
+        return tf.nn.convolution(padded, forward_kernel, padding="VALID", dilations=self.dilation_rate)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "output_padding": self.output_padding}
