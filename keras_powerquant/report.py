@@ -34,6 +34,16 @@ class LayerReport:
             weight clipping).
         per_channel: the scale granularity when refinement chose it; None
             follows the `per_channel` option.
+        kernel_params: number of kernel values (weights named `*kernel`,
+            `*embeddings`); 0 for a layer without a kernel (a LayerNorm).
+            A layer whose kernel layers inside it are listed as their own
+            rows counts only its own kernels.
+        nested_in: for a kernel layer inside another layer (a
+            MultiHeadAttention's projection, a custom layer's Dense), the
+            outer layer's name; the row's name is `outer/inner`.
+        input_reason: why a nested layer's input stays float, if it does.
+        input_exponent, input_clip: its input quantizer's fit.
+        rule: where its input statistics came from.
     """
 
     name: str
@@ -54,6 +64,12 @@ class LayerReport:
     folded_batch_norm: Optional[str] = None
     clip_fraction: Optional[float] = None
     per_channel: Optional[bool] = None
+    kernel_params: Optional[int] = None
+    nested_in: Optional[str] = None
+    input_reason: Optional[str] = None
+    input_exponent: Optional[float] = None
+    input_clip: Optional[float] = None
+    rule: Optional[str] = None
 
     @property
     def error_ratio(self):
