@@ -161,6 +161,41 @@ class ConversionReport:
     def float_layers(self):
         return [layer for layer in self.layers if layer.status == "float"]
 
+    @property
+    def kernel_layers(self):
+        """The rows that hold kernel values (nested ones included; LayerNorms and other scale-only layers not)."""
+        return [layer for layer in self.layers if _kernel_params(layer) > 0]
+
+    def kernel_counts(self):
+        """`(quantized layers, float layers, quantized kernel values, float kernel values)`, nested layers included."""
+        kernels = self.kernel_layers
+        quantized = [layer for layer in kernels if layer.status == "quantized"]
+        floats = [layer for layer in kernels if layer.status != "quantized"]
+        return (
+            len(quantized), len(floats),
+            sum(_kernel_params(layer) for layer in quantized), sum(_kernel_params(layer) for layer in floats),
+        )
+
+    @property
+    def warnings(self):
+        """What the conversion did not do that its options asked for, in plain words."""
+        found = []
+        options = self.options
+        quantized_layers, float_layers, quantized, floating = self.kernel_counts()
+        if float_layers and floating:
+            found.append(
+                f"{float_layers} of {quantized_layers + float_layers} kernel layers stay float: "
+                f"{_percent(floating, quantized + floating)} of the kernel values"
+            )
+        rows = self.quantized_layers
+        wbits, abits = options.get("wbits"), options.get("abits")
+        if rows and wbits is not None and not any(row.weight_bits == wbits for row in rows):
+            found.append(_unreached("wbits", wbits, sorted({row.weight_bits for row in rows})))
+        inputs = [row.input_bits for row in rows if row.input_bits is not None]
+        if inputs and abits is not None and abits not in inputs:
+            found.append(_unreached("abits", abits, sorted(set(inputs))))
+        return found
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -199,6 +234,8 @@ class ConversionReport:
                     f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {'-':>4} {'-':>8} {'-':>5} "
                     f"{'-':>11} {'-':>12}  float: {layer.reason}"
                 )
+            if layer.nested_in is not None and layer.status == "quantized" and layer.input_reason:
+                lines.append(f"{'':<28}   input float: {layer.input_reason}")
         if self.activations:
             lines += ["", f"{'activation quantizer':<34} {'bits':>4} {'sign':>4} {'clip':>9} "
                       f"{'exponent':>8}  statistics"]
@@ -212,10 +249,15 @@ class ConversionReport:
                 else:
                     lines.append(f"{_clip(act.name, 34)} {'-':>4} {'':>4} {'':>9} {'':>8}  float: {act.reason}")
         lines.append("")
+        quantized_layers, float_layers, quantized, floating = self.kernel_counts()
         lines.append(
-            f"{len(self.quantized_layers)} layers quantized, {len(self.float_layers)} kept float; "
+            f"{quantized_layers + float_layers} kernel layers ({quantized + floating:,} kernel values): "
+            f"{quantized_layers} quantized ({_percent(quantized, quantized + floating)} of the values), "
+            f"{float_layers} kept float ({_percent(floating, quantized + floating)}); "
             f"{len(self.folded_batch_norms)} BatchNorm folded, {len(self.unfolded_batch_norms)} kept"
         )
+        for warning in self.warnings:
+            lines.append(f"  warning: {warning}")
         for entry in self.folded_batch_norms:
             lines.append(f"  BatchNorm '{entry['batch_norm']}' folded into '{entry['into']}'")
         for entry in self.unfolded_batch_norms:
@@ -237,6 +279,25 @@ class ConversionReport:
 
     def __str__(self):
         return self.summary()
+
+
+def _kernel_params(layer):
+    """A row's kernel values; reports written before `kernel_params` count a quantized row's `params`."""
+    if layer.kernel_params is not None:
+        return layer.kernel_params
+    return layer.params if layer.status == "quantized" else 0
+
+
+def _percent(part, whole):
+    return "0%" if not whole else f"{100 * part / whole:.0f}%"
+
+
+def _unreached(option, bits, used):
+    return (
+        f"{option}={bits} reaches no layer: every quantized layer is the first or last (kept at "
+        f"{', '.join(map(str, used))} bits); quantize_first_last=True (--quantize-first-last) quantizes "
+        f"them at {bits} bits"
+    )
 
 
 def _clip(text, width):

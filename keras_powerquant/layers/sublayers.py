@@ -104,7 +104,9 @@ class PowerQuantSublayers(keras.layers.Layer):
         for replacement in self.replacements:
             new = replacement["layer"]
             keras_internals.replace_sublayer(self.layer, replacement["path"], new)
-            if not new.built and replacement["input_shape"] is not None:
+            # A built outer layer will not build its sublayers again (an unbuilt one builds them,
+            # in its `build` or on their first call): build each replacement as the layer it replaces.
+            if self.layer.built and not new.built and replacement["input_shape"] is not None:
                 new.build(replacement["input_shape"])
         self._installed = True
         return True
