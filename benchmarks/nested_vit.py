@@ -24,9 +24,9 @@ import sys
 import time
 
 import common
+import keras
 import numpy as np
 
-import keras
 import keras_powerquant as kpq
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.registry import LINEAR_LAYER_TYPES

@@ -180,9 +180,8 @@ def test_the_outer_layer_keeps_its_call_and_its_own_weights():
     quantized, report = kpq.convert(model, 8, 8, calibration_data=images(32, seed=8))
     wrapper = quantized.get_layer("embed")
     assert isinstance(wrapper, PowerQuantSublayers) and type(wrapper.layer) is PatchEmbed
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(wrapper.layer.position), keras.ops.convert_to_numpy(model.get_layer("embed").position)
-    )
+    position = keras.ops.convert_to_numpy(model.get_layer("embed").position)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(wrapper.layer.position), position)
     # Its own position embedding is no kernel: it is not counted as a float kernel layer.
     assert "embed" not in {row.name for row in report.kernel_layers}
 

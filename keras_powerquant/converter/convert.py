@@ -14,6 +14,7 @@ from keras_powerquant import refinement
 from keras_powerquant import synthesis
 from keras_powerquant.config import ConversionConfig
 from keras_powerquant.config import resolve_config
+from keras_powerquant.converter import nested
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
 from keras_powerquant.converter.bias_correction import empirical_corrections
@@ -23,7 +24,6 @@ from keras_powerquant.converter.calibration import calibration_batches
 from keras_powerquant.converter.calibration import record_samples
 from keras_powerquant.converter.folding import fold_records
 from keras_powerquant.converter.folding import plan_folds
-from keras_powerquant.converter import nested
 from keras_powerquant.converter.graph import FlatGraph
 from keras_powerquant.converter.plan import plan_conversion
 from keras_powerquant.converter.registry import linear_type

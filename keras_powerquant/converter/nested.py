@@ -113,10 +113,13 @@ class NestedPlan:
     kernels: list
     float_layers: list
     owners: dict
+    called: list = dataclasses.field(default_factory=list)  # ids of nested layers, in order of first call
 
     def rows_of(self, owner):
-        """`(name, nested_kernel_or_None, layer, reason)` of `owner`'s nested kernel layers."""
-        rows = [(k.name, k, k.layer, None) for k in self.owners.get(id(owner), [])]
+        """`(name, nested_kernel_or_None, layer, reason)` of `owner`'s nested kernel layers, in call order."""
+        order = {layer_id: i for i, layer_id in enumerate(self.called)}
+        kernels = sorted(self.owners.get(id(owner), []), key=lambda k: order.get(id(k.layer), len(order)))
+        rows = [(k.name, k, k.layer, None) for k in kernels]
         rows += [(name, None, layer, why) for o, name, layer, why in self.float_layers if o is owner]
         return rows
 
@@ -200,7 +203,7 @@ def _parents(owner, path):
 def recording(nested_plan):
     """Records each nested kernel layer's inputs while the original model runs; yields the samplers."""
     samplers, undo = {}, []
-    layers = {}
+    layers, called = {}, set(nested_plan.called)
     for i, kernel in enumerate(nested_plan.kernels):
         samplers[id(kernel)] = ReservoirSampler(SAMPLES_PER_INPUT, seed=1000 + i)
         layers.setdefault(id(kernel.layer), []).append(kernel)
@@ -209,6 +212,9 @@ def recording(nested_plan):
         def hook(args, kwargs):
             value = args[0] if args else next(iter(kwargs.values()))
             array = keras.ops.convert_to_numpy(value)
+            if id(kernels[0].layer) not in called:
+                called.add(id(kernels[0].layer))
+                nested_plan.called.append(id(kernels[0].layer))
             for kernel in kernels:
                 samplers[id(kernel)].add(array)
 
