@@ -251,7 +251,7 @@ class ConversionReport:
         lines.append("")
         quantized_layers, float_layers, quantized, floating = self.kernel_counts()
         lines.append(
-            f"{quantized_layers + float_layers} kernel layers ({quantized + floating:,} kernel values): "
+            f"{_count(quantized_layers + float_layers, 'kernel layer')} ({quantized + floating:,} kernel values): "
             f"{quantized_layers} quantized ({_percent(quantized, quantized + floating)} of the values), "
             f"{float_layers} kept float ({_percent(floating, quantized + floating)}); "
             f"{len(self.folded_batch_norms)} BatchNorm folded, {len(self.unfolded_batch_norms)} kept"
@@ -286,6 +286,10 @@ def _kernel_params(layer):
     if layer.kernel_params is not None:
         return layer.kernel_params
     return layer.params if layer.status == "quantized" else 0
+
+
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _percent(part, whole):

@@ -204,3 +204,35 @@ def test_report_counts_kernel_values_and_warns_when_the_bits_reach_no_layer():
     assert any("wbits=4 reaches no layer" in w for w in report.warnings), report.warnings
     assert any("abits=4 reaches no layer" in w for w in report.warnings), report.warnings
     assert "warning: wbits=4 reaches no layer" in report.summary()
+
+
+@keras.saving.register_keras_serializable(package="kpq_tests")
+class Mixer(L.Layer):
+    """Dense layers in a dict, and an LSTM (no PowerQuant layer): the latter stays float with its reason."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = {"first": L.Dense(WIDTH, activation="relu"), "second": L.Dense(WIDTH)}
+        self.recurrent = L.LSTM(WIDTH, return_sequences=True)
+
+    def call(self, x):
+        return self.recurrent(self.heads["second"](self.heads["first"](x)))
+
+
+def test_layers_in_dicts_convert_weight_only_and_what_cannot_convert_is_listed(tmp_path):
+    inputs = keras.Input((6, WIDTH))
+    x = Mixer(name="mixer")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    models._randomize(model, 10)
+    data = np.random.default_rng(10).standard_normal((16, 6, WIDTH)).astype("float32")
+    quantized, report = kpq.convert(model, 8, None, calibration_data=data)
+    rows = {row.name: row for row in report.layers if row.nested_in == "mixer"}
+    dense = [row for row in rows.values() if row.class_name == "Dense"]
+    assert len(dense) == 2 and all(row.status == "quantized" and row.input_bits is None for row in dense)
+    (lstm,) = [row for row in rows.values() if row.status == "float"]
+    assert "LSTMCell" in lstm.reason and lstm.kernel_params == 2 * 4 * WIDTH * WIDTH
+    assert any("kernel layers stay float" in w for w in report.warnings)
+    assert _relative_error(model, quantized, data) < 0.05
+    quantized.save(tmp_path / "mixer.keras")
+    loaded = keras.saving.load_model(tmp_path / "mixer.keras")
+    np.testing.assert_array_equal(loaded.predict(data, verbose=0), quantized.predict(data, verbose=0))
