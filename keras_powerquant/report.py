@@ -192,8 +192,15 @@ class ConversionReport:
         if rows and wbits is not None and not any(row.weight_bits == wbits for row in rows):
             found.append(_unreached("wbits", wbits, sorted({row.weight_bits for row in rows})))
         inputs = [row.input_bits for row in rows if row.input_bits is not None]
-        if inputs and abits is not None and abits not in inputs:
-            found.append(_unreached("abits", abits, sorted(set(inputs))))
+        if rows and abits is not None and abits not in inputs:
+            floating_inputs = len(rows) - len(inputs)
+            found.append(
+                f"abits={abits} reaches no layer's input: "
+                + (f"{len(inputs)} quantized at {', '.join(map(str, sorted(set(inputs))))} bits (the first and "
+                   "last layers; quantize_first_last=True / --quantize-first-last quantizes them at "
+                   f"{abits} bits)" if inputs else "none is quantized")
+                + (f", {floating_inputs} kept float (see the input reasons)" if floating_inputs else "")
+            )
         return found
 
     def to_dict(self):

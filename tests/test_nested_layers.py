@@ -236,3 +236,19 @@ def test_layers_in_dicts_convert_weight_only_and_what_cannot_convert_is_listed(t
     quantized.save(tmp_path / "mixer.keras")
     loaded = keras.saving.load_model(tmp_path / "mixer.keras")
     np.testing.assert_array_equal(loaded.predict(data, verbose=0), quantized.predict(data, verbose=0))
+
+
+def test_graph_layers_between_nested_ones_are_neither_first_nor_last():
+    inputs = keras.Input((6, WIDTH))
+    x = Block(WIDTH, HEADS, name="block_a")(inputs)
+    x = L.Dense(WIDTH, name="between")(x)
+    x = Block(WIDTH, HEADS, name="block_b")(x)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    models._randomize(model, 11)
+    report = kpq.inspect_model(model, 4, 4)
+    between, head = report.layer("between"), report.layer("head")
+    assert (between.position, between.weight_bits) == (None, 4)
+    # Its input (a block's output) has no data-free statistics, but is planned at 4 bits.
+    assert {a.name: a.bits for a in report.activations}["between_input_quantizer"] == 4
+    assert (head.position, head.weight_bits) == ("last", 8)
+    assert all(row.weight_bits == 4 for row in report.quantized_layers if row.nested_in)

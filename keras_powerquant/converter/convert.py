@@ -216,7 +216,7 @@ def convert(
     plan = plan_conversion(
         graph, folds, config.wbits, config.abits, config.quantize_first_last, config.first_last_bits
     )
-    nested_plan = nested.plan_nested(plan, config.wbits, config.abits)
+    nested_plan = nested.plan_nested(plan, config.wbits, config.abits, graph, config.quantize_first_last)
     if config.refining:
         budget = refinement.size_budget(
             plan, refinement.weight_bytes(model), config.target_size, config.mean_bits, config.per_channel
@@ -367,7 +367,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
     plan = plan_conversion(
         graph, folds, config.wbits, config.abits, config.quantize_first_last, config.first_last_bits
     )
-    nested_plan = nested.plan_nested(plan, config.wbits, config.abits)
+    nested_plan = nested.plan_nested(plan, config.wbits, config.abits, graph, config.quantize_first_last)
     stats = propagate_statistics(graph, folds)
     for quantizer in plan.quantizers.values():
         quantizer.rule = stats[quantizer.key].rule

@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.calibration import ReservoirSampler
+from keras_powerquant.converter.plan import _positions
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.converter.statistics import DATA_FREE_TAIL_DOF
 from keras_powerquant.layers import PowerQuantActivation
@@ -144,11 +145,13 @@ def _has_kernel_inside(layer):
     return kernel_parameters(layer) > 0
 
 
-def plan_nested(plan, wbits, abits):
+def plan_nested(plan, wbits, abits, graph=None, quantize_first_last=False):
     """Finds the kernel layers inside the plan's float layers; takes those layers off `plan.float_layers`.
 
     An outer layer stays in `plan.float_layers` only where it holds kernel
     weights of its own (its nested layers are then listed besides it).
+    With `graph`, a graph layer is first (last) only with no quantized layer,
+    nested ones included, before (after) it: its bits follow.
     """
     kernels, float_layers, owners, kept = [], [], {}, []
     for owner, reason in plan.float_layers:
@@ -187,7 +190,30 @@ def plan_nested(plan, wbits, abits):
             kept.append((owner, reason))
             float_layers = [row for row in float_layers if row[0] is not owner]
     plan.float_layers[:] = kept
+    if graph is not None and owners:
+        _reposition(plan, graph, owners, wbits, abits, quantize_first_last)
     return NestedPlan(kernels, float_layers, owners)
+
+
+def _reposition(plan, graph, owners, wbits, abits, quantize_first_last):
+    """Redoes `plan`'s first/last positions counting the outer layers of quantized nested layers."""
+    candidates = {layer_plan.op: {} for layer_plan in plan.layers.values()}
+    candidates.update({op: {} for op in graph.ops if id(op.layer) in owners})
+    _positions(graph, candidates)
+    for layer_plan in plan.layers.values():
+        where = candidates[layer_plan.op]
+        position = "+".join(p for p in ("first", "last") if where[p]) or None
+        if position == layer_plan.position:
+            continue
+        layer_plan.position = position
+        if position is None and not quantize_first_last:
+            layer_plan.weight_bits = wbits
+            layer_plan.input_bits = abits
+    by_name = {layer_plan.layer.name: layer_plan for layer_plan in plan.layers.values()}
+    for quantizer in plan.quantizers.values():
+        bits = [by_name[name].input_bits for name in quantizer.consumers if by_name[name].input_bits is not None]
+        if bits:
+            quantizer.bits = min(bits)
 
 
 def _parents(owner, path):
