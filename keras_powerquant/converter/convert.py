@@ -149,8 +149,11 @@ def convert(
     statistics, or on calibration data), and rebuilds the model with the
     PowerQuant layers of `converter.registry` (`PowerQuantConv1D/2D/3D`,
     `PowerQuantDepthwiseConv2D`, `PowerQuantDense`) and
-    `PowerQuantActivation` layers. Layers it does not quantize stay float and
-    are reported. The input model is not modified.
+    `PowerQuantActivation` layers. Kernel layers inside layers it cannot
+    rewrite (a MultiHeadAttention's projections, a custom layer's Dense) are
+    replaced in place, the outer `call` unchanged (`converter.nested`).
+    Layers it does not quantize stay float and are reported. The input model
+    is not modified.
 
     `convert(model, 4, 4, "uniform", scope="network")` and
     `convert(model, config=ConversionConfig(4, 4, "uniform", scope="network"))`
