@@ -219,6 +219,10 @@ def _float_parts(report):
     for activation in report.activations:
         if activation.status != "quantized":
             yield f"activation '{activation.name}' kept float: {activation.reason}"
+    for layer in report.quantized_layers:
+        if layer.nested_in is not None and layer.input_reason:
+            yield f"layer '{layer.name}' ({layer.class_name}): input kept float: {layer.input_reason}"
+    yield from report.warnings
 
 
 def _format_bytes(count):

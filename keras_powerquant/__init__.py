@@ -42,6 +42,8 @@ _KERAS_API = {
     "PowerQuantDense": "keras_powerquant.layers",
     "PowerQuantDepthwiseConv2D": "keras_powerquant.layers",
     "PowerQuantEinsumDense": "keras_powerquant.layers",
+    "PowerQuantInputQuantized": "keras_powerquant.layers",
+    "PowerQuantSublayers": "keras_powerquant.layers",
     "load_model": "keras_powerquant.loading",
     "synthesize_inputs": "keras_powerquant.synthesis",
     "SyntheticData": "keras_powerquant.synthesis",

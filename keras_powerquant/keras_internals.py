@@ -158,3 +158,120 @@ def builtin_layer_class(class_name):
     from keras.src import layers as layers_module
 
     return layers_module.__dict__.get(class_name)
+
+
+# Attributes of a layer that hold Keras' own bookkeeping, not sublayers the layer computes with.
+_BOOKKEEPING = frozenset({"_layers", "_tracker", "_inbound_nodes", "_outbound_nodes"})
+
+
+def sublayer_paths(layer):
+    """The layers nested in `layer`, each once, by the attribute path that reaches it.
+
+    Walks the layer's attributes, and the lists and dicts among them, into
+    each sublayer found (but not into a nested model, whose graph calls its
+    layers by identity, not by attribute). A path is a tuple of steps
+    `("attr", name)` or `("item", index_or_key)`. The first path found to a
+    layer is kept: attributes holding a layer, in name order, then lists
+    and dicts.
+
+    Returns:
+        A list of `(path, sublayer)` pairs, parents before their children.
+    """
+    found, seen = [], {id(layer)}
+
+    def visit(value, path):
+        if isinstance(value, keras.layers.Layer):
+            if id(value) in seen:
+                return
+            seen.add(id(value))
+            found.append((path, value))
+            if not isinstance(value, keras.Model):
+                walk_layer(value, path)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit(item, path + (("item", index),))
+        elif isinstance(value, dict):
+            for key in sorted(k for k in value if isinstance(k, str)):
+                visit(value[key], path + (("item", key),))
+
+    def walk_layer(owner, path):
+        # TensorFlow's trackable bookkeeping (`_self_unconditional_dependency_names`...) is skipped;
+        # layers held directly come before those in lists and dicts, so each gets its own attribute.
+        names = [n for n in sorted(vars(owner)) if n not in _BOOKKEEPING and not n.startswith("_self_")]
+        direct = [n for n in names if isinstance(vars(owner)[n], keras.layers.Layer)]
+        for name in direct + [n for n in names if n not in direct]:
+            visit(vars(owner)[name], path + (("attr", name),))
+
+    walk_layer(layer, ())
+    return found
+
+
+def sublayer_at(layer, path):
+    """The object at `path` (a `sublayer_paths` path) of `layer`; raises LookupError if absent."""
+    value = layer
+    for kind, step in path:
+        try:
+            value = vars(value)[step] if kind == "attr" else value[step]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise LookupError(f"no sublayer at {format_path(path)}") from exc
+    return value
+
+
+def replace_sublayer(layer, path, new):
+    """Puts `new` at `path` of `layer` in place of the sublayer there, in Keras' tracking too.
+
+    The replaced layer leaves the owner's tracked layers (so its weights
+    leave the model's) and `new` takes its place in their order.
+    """
+    *parent_path, (kind, step) = path
+    parent = sublayer_at(layer, tuple(parent_path))
+    old = sublayer_at(layer, path)
+    if kind == "attr":
+        object.__setattr__(parent, step, new)
+        tracker = parent._tracker
+    else:
+        (list if isinstance(parent, list) else dict).__setitem__(parent, step, new)
+        tracker = getattr(parent, "tracker", None)
+    if tracker is not None and tracker.is_in_store("layers", old):
+        tracker.replace_tracked_value("layers", old, new)
+    elif tracker is not None:
+        tracker.track(new)
+
+
+def format_path(path):
+    """A path as Python would spell it: `.blocks[0].mlp`."""
+    return "".join(f".{step}" if kind == "attr" else f"[{step!r}]" for kind, step in path)
+
+
+def own_variables(layer):
+    """The variables `layer` itself holds (not its sublayers'), as `.keras` files save them."""
+    store = {}
+    layer.save_own_variables(store)
+    return store
+
+
+def set_own_variables(layer, store):
+    """Assigns `own_variables` of another layer of the same structure."""
+    layer.load_own_variables(store)
+
+
+def build_input_shape(layer):
+    """The input shape a built layer was built with (its build config), or None."""
+    config = layer.get_build_config() or {}
+    return config.get("input_shape")
+
+
+def call_hook(layer, hook):
+    """Makes `layer` call `hook(args, kwargs)` before each call; returns a function that undoes it."""
+    original = layer.call
+
+    def call(*args, **kwargs):
+        hook(args, kwargs)
+        return original(*args, **kwargs)
+
+    layer.__dict__["call"] = call
+
+    def undo():
+        layer.__dict__.pop("call", None)
+
+    return undo

@@ -34,6 +34,16 @@ class LayerReport:
             weight clipping).
         per_channel: the scale granularity when refinement chose it; None
             follows the `per_channel` option.
+        kernel_params: number of kernel values (weights named `*kernel`,
+            `*embeddings`); 0 for a layer without a kernel (a LayerNorm).
+            A layer whose kernel layers inside it are listed as their own
+            rows counts only its own kernels.
+        nested_in: for a kernel layer inside another layer (a
+            MultiHeadAttention's projection, a custom layer's Dense), the
+            outer layer's name; the row's name is `outer/inner`.
+        input_reason: why a nested layer's input stays float, if it does.
+        input_exponent, input_clip: its input quantizer's fit.
+        rule: where its input statistics came from.
     """
 
     name: str
@@ -54,6 +64,12 @@ class LayerReport:
     folded_batch_norm: Optional[str] = None
     clip_fraction: Optional[float] = None
     per_channel: Optional[bool] = None
+    kernel_params: Optional[int] = None
+    nested_in: Optional[str] = None
+    input_reason: Optional[str] = None
+    input_exponent: Optional[float] = None
+    input_clip: Optional[float] = None
+    rule: Optional[str] = None
 
     @property
     def error_ratio(self):
@@ -145,6 +161,48 @@ class ConversionReport:
     def float_layers(self):
         return [layer for layer in self.layers if layer.status == "float"]
 
+    @property
+    def kernel_layers(self):
+        """The rows that hold kernel values (nested ones included; LayerNorms and other scale-only layers not)."""
+        return [layer for layer in self.layers if _kernel_params(layer) > 0]
+
+    def kernel_counts(self):
+        """`(quantized layers, float layers, quantized kernel values, float kernel values)`, nested layers included."""
+        kernels = self.kernel_layers
+        quantized = [layer for layer in kernels if layer.status == "quantized"]
+        floats = [layer for layer in kernels if layer.status != "quantized"]
+        return (
+            len(quantized), len(floats),
+            sum(_kernel_params(layer) for layer in quantized), sum(_kernel_params(layer) for layer in floats),
+        )
+
+    @property
+    def warnings(self):
+        """What the conversion did not do that its options asked for, in plain words."""
+        found = []
+        options = self.options
+        quantized_layers, float_layers, quantized, floating = self.kernel_counts()
+        if float_layers and floating:
+            found.append(
+                f"{float_layers} of {quantized_layers + float_layers} kernel layers stay float: "
+                f"{_percent(floating, quantized + floating)} of the kernel values"
+            )
+        rows = self.quantized_layers
+        wbits, abits = options.get("wbits"), options.get("abits")
+        if rows and wbits is not None and not any(row.weight_bits == wbits for row in rows):
+            found.append(_unreached("wbits", wbits, sorted({row.weight_bits for row in rows})))
+        inputs = [row.input_bits for row in rows if row.input_bits is not None]
+        if rows and abits is not None and abits not in inputs:
+            floating_inputs = len(rows) - len(inputs)
+            found.append(
+                f"abits={abits} reaches no layer's input: "
+                + (f"{len(inputs)} quantized at {', '.join(map(str, sorted(set(inputs))))} bits (the first and "
+                   "last layers; quantize_first_last=True / --quantize-first-last quantizes them at "
+                   f"{abits} bits)" if inputs else "none is quantized")
+                + (f", {floating_inputs} kept float (see the input reasons)" if floating_inputs else "")
+            )
+        return found
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -183,6 +241,8 @@ class ConversionReport:
                     f"{_clip(layer.name, 28)} {_clip(layer.class_name, 22)} {'-':>4} {'-':>8} {'-':>5} "
                     f"{'-':>11} {'-':>12}  float: {layer.reason}"
                 )
+            if layer.nested_in is not None and layer.status == "quantized" and layer.input_reason:
+                lines.append(f"{'':<28}   input float: {layer.input_reason}")
         if self.activations:
             lines += ["", f"{'activation quantizer':<34} {'bits':>4} {'sign':>4} {'clip':>9} "
                       f"{'exponent':>8}  statistics"]
@@ -196,10 +256,15 @@ class ConversionReport:
                 else:
                     lines.append(f"{_clip(act.name, 34)} {'-':>4} {'':>4} {'':>9} {'':>8}  float: {act.reason}")
         lines.append("")
+        quantized_layers, float_layers, quantized, floating = self.kernel_counts()
         lines.append(
-            f"{len(self.quantized_layers)} layers quantized, {len(self.float_layers)} kept float; "
+            f"{_count(quantized_layers + float_layers, 'kernel layer')} ({quantized + floating:,} kernel values): "
+            f"{quantized_layers} quantized ({_percent(quantized, quantized + floating)} of the values), "
+            f"{float_layers} kept float ({_percent(floating, quantized + floating)}); "
             f"{len(self.folded_batch_norms)} BatchNorm folded, {len(self.unfolded_batch_norms)} kept"
         )
+        for warning in self.warnings:
+            lines.append(f"  warning: {warning}")
         for entry in self.folded_batch_norms:
             lines.append(f"  BatchNorm '{entry['batch_norm']}' folded into '{entry['into']}'")
         for entry in self.unfolded_batch_norms:
@@ -221,6 +286,29 @@ class ConversionReport:
 
     def __str__(self):
         return self.summary()
+
+
+def _kernel_params(layer):
+    """A row's kernel values; reports written before `kernel_params` count a quantized row's `params`."""
+    if layer.kernel_params is not None:
+        return layer.kernel_params
+    return layer.params if layer.status == "quantized" else 0
+
+
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _percent(part, whole):
+    return "0%" if not whole else f"{100 * part / whole:.0f}%"
+
+
+def _unreached(option, bits, used):
+    return (
+        f"{option}={bits} reaches no layer: every quantized layer is the first or last (kept at "
+        f"{', '.join(map(str, used))} bits); quantize_first_last=True (--quantize-first-last) quantizes "
+        f"them at {bits} bits"
+    )
 
 
 def _clip(text, width):

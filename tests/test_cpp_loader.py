@@ -135,3 +135,18 @@ def test_new_layer_types_serve_in_the_cpp_loader(cpp_loader, tmp_path):
         path = export_model(projections, folder, 1, decode_weights=decode_weights).saved_model_dir
         exports.append((f"attention projections, decoded at {decode_weights}", path, {"tokens": tokens(8, seed=5)}))
     _check_served(exports, cpp_loader, tmp_path / "served")
+
+
+def test_nested_layers_serve_in_the_cpp_loader(cpp_loader, tmp_path):
+    """MultiHeadAttention's projections and custom layers' kernel layers, quantized in place (W4/A8)."""
+    from tests.test_nested_layers import custom_vit
+    from tests.test_nested_layers import images
+    from tests.test_nested_layers import plain_vit
+
+    exports = []
+    for label, model in (("plain ViT", plain_vit(seed=11)), ("custom-layer ViT", custom_vit(seed=12))):
+        path, report = _export(model, tmp_path / label.replace(" ", "_"), wbits=4, abits=8,
+                               calibration_data=images(32, seed=13))
+        assert any(row.nested_in for row in report.quantized_layers)
+        exports.append((label, path, {"images": images(8, seed=14)}))
+    _check_served(exports, cpp_loader, tmp_path / "served")

@@ -193,17 +193,20 @@ def test_equations_that_are_not_a_dense_on_trailing_axes_stay_float(equation, ou
     assert linear_type(model.get_layer("mix")).channel_axis(model.get_layer("mix"), 4) is None
 
 
-def test_multi_head_attention_stays_float_with_the_reason():
+def test_multi_head_attention_projections_are_quantized_in_place():
     inputs = keras.Input((SEQUENCE, WIDTH))
     x = L.MultiHeadAttention(HEADS, HEAD_WIDTH, name="attention")(inputs, inputs)
     model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
     models._randomize(model, 9)
     data = tokens(16, seed=9)
-    for calibration in (data, None):
-        quantized, report = kpq.convert(model, 8, 8, calibration_data=calibration)
-        reasons = {entry.name: entry.reason for entry in report.float_layers}
-        assert "EinsumDense" in reasons["attention"] and "inside" in reasons["attention"], reasons["attention"]
-        assert type(quantized.get_layer("attention")) is L.MultiHeadAttention
-        assert type(quantized.get_layer("head")).__name__ == "PowerQuantDense"
+    quantized, report = kpq.convert(model, 8, 8, calibration_data=data)
+    assert "attention" not in {entry.name for entry in report.float_layers}
+    assert {entry.name for entry in report.quantized_layers} == {
+        "head", "attention/query", "attention/key", "attention/value", "attention/attention_output"
+    }
+    wrapper = quantized.get_layer("attention")
+    assert type(wrapper).__name__ == "PowerQuantSublayers" and type(wrapper.layer) is L.MultiHeadAttention
+    assert type(wrapper.layer.query_dense.layer) is PowerQuantEinsumDense
+    assert type(quantized.get_layer("head")).__name__ == "PowerQuantDense"
     expected = model.predict(data, verbose=0)
     assert np.max(np.abs(quantized.predict(data, verbose=0) - expected)) < 0.05

@@ -197,6 +197,8 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
         if not _channels_last(layer_plan.layer)
     }
     layer_keys = [key for key in plan.layers if key not in corrections]
+    if not layer_keys:
+        return corrections
     input_keys = [plan.layers[key].input_key for key in layer_keys]
 
     def float_inputs(inputs):

@@ -4,6 +4,7 @@ import keras
 
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.folding import linear_weights
+from keras_powerquant.converter.nested import wrapped_clone
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.layers import PowerQuantActivation
 
@@ -62,9 +63,11 @@ class ModelBuilder:
         plan: a `ConversionPlan` with fits filled in, or None to build the
             float model with BatchNorm folded and nothing quantized.
         per_channel: per-channel weight scales for quantized layers.
+        nested: a `converter.nested.NestedPlan` with fits filled in: the
+            layers holding quantized kernel layers become `PowerQuantSublayers`.
     """
 
-    def __init__(self, graph, folds, plan=None, per_channel=True):
+    def __init__(self, graph, folds, plan=None, per_channel=True, nested=None):
         self.graph = graph
         self.folds = folds
         self.plan = plan
@@ -76,6 +79,7 @@ class ModelBuilder:
         # id(original layer) -> its PowerQuant layer in the built model.
         self.quantized_layers = {}
         self.reused = []
+        self.nested = nested
 
     def build(self):
         graph = self.graph
@@ -169,6 +173,13 @@ class ModelBuilder:
         layer = op.layer
         args, kwargs = op.call_arguments(values)
         first_call = id(layer) not in self.new_layers
+        kernels = self.nested.owners.get(id(layer)) if self.nested is not None else None
+        if first_call and kernels:
+            new, set_weights = wrapped_clone(layer, self.names(layer.name), kernels, self.per_channel)
+            self.new_layers[id(layer)] = new
+            outputs = new(*args, **kwargs)
+            set_weights()
+            return outputs
         if first_call:
             try:
                 new = _cloned(layer, self.names(layer.name))

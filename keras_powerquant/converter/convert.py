@@ -14,6 +14,7 @@ from keras_powerquant import refinement
 from keras_powerquant import synthesis
 from keras_powerquant.config import ConversionConfig
 from keras_powerquant.config import resolve_config
+from keras_powerquant.converter import nested
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
 from keras_powerquant.converter.bias_correction import empirical_corrections
@@ -148,8 +149,11 @@ def convert(
     statistics, or on calibration data), and rebuilds the model with the
     PowerQuant layers of `converter.registry` (`PowerQuantConv1D/2D/3D`,
     `PowerQuantDepthwiseConv2D`, `PowerQuantDense`) and
-    `PowerQuantActivation` layers. Layers it does not quantize stay float and
-    are reported. The input model is not modified.
+    `PowerQuantActivation` layers. Kernel layers inside layers it cannot
+    rewrite (a MultiHeadAttention's projections, a custom layer's Dense) are
+    replaced in place, the outer `call` unchanged (`converter.nested`).
+    Layers it does not quantize stay float and are reported. The input model
+    is not modified.
 
     `convert(model, 4, 4, "uniform", scope="network")` and
     `convert(model, config=ConversionConfig(4, 4, "uniform", scope="network"))`
@@ -215,6 +219,7 @@ def convert(
     plan = plan_conversion(
         graph, folds, config.wbits, config.abits, config.quantize_first_last, config.first_last_bits
     )
+    nested_plan = nested.plan_nested(plan, config.wbits, config.abits, graph, config.quantize_first_last)
     if config.refining:
         budget = refinement.size_budget(
             plan, refinement.weight_bytes(model), config.target_size, config.mean_bits, config.per_channel
@@ -235,6 +240,7 @@ def convert(
     kept_batches = []
     if calibration_data is None:
         samples, rules = _data_free_samples(plan, stats)
+        nested_samplers = nested.data_free_samples(nested_plan, graph, stats)
     else:
         batches = calibration_batches(
             calibration_data, graph.input_tensors, config.calibration_batch_size, config.calibration_steps
@@ -244,9 +250,13 @@ def convert(
         if config.refining:
             batches = reservoir.watch(batches)
         calibrate = report_progress("calibration")
-        samples = record_samples(
-            graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, config.calibration_steps)
-        )
+        with nested.recording(nested_plan) as nested_samplers:
+            samples = record_samples(
+                graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, config.calibration_steps)
+            )
+        for kernel in nested_plan.kernels:
+            kernel.rule = "calibration"
+
         rules = {key: "calibration" for key in plan.quantizers}
     seconds["statistics"] = time.perf_counter() - mark
 
@@ -260,6 +270,11 @@ def convert(
     _fit_activations(
         plan, samples, rules, config.method, config.scope, config.p, config.exponent_bounds,
         config.fast_activations, report_progress("activations"),
+    )
+    nested.fit(
+        nested_plan, nested_samplers, config.method, config.scope, config.per_channel, config.p,
+        config.exponent_bounds, config.weight_clipping, config.fast_activations,
+        next((layer_plan.fit.exponent for layer_plan in plan.layers.values()), None),
     )
     seconds["activations"] = time.perf_counter() - mark
 
@@ -277,7 +292,7 @@ def convert(
     mark = time.perf_counter()
     if correction is not None:
         _give_every_layer_a_bias(plan)
-    builder = ModelBuilder(graph, folds, plan, config.per_channel)
+    builder = ModelBuilder(graph, folds, plan, config.per_channel, nested_plan)
     quantized_model = builder.build()
     seconds["build"] = time.perf_counter() - mark
 
@@ -308,7 +323,7 @@ def convert(
     if synthetic is not None:
         options["synthetic"] = dataclasses.asdict(synthetic)
     notes = notes + [f"layer '{name}' reused as is (its config does not round-trip)" for name in builder.reused]
-    report = _report(graph, plan, folds, unfolded, options, notes, seconds, corrections)
+    report = _report(graph, plan, folds, unfolded, options, notes, seconds, corrections, nested_plan)
     report.refinement = [] if refined is None else [dataclasses.asdict(step) for step in refined.reports]
     return quantized_model, report
 
@@ -355,6 +370,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
     plan = plan_conversion(
         graph, folds, config.wbits, config.abits, config.quantize_first_last, config.first_last_bits
     )
+    nested_plan = nested.plan_nested(plan, config.wbits, config.abits, graph, config.quantize_first_last)
     stats = propagate_statistics(graph, folds)
     for quantizer in plan.quantizers.values():
         quantizer.rule = stats[quantizer.key].rule
@@ -367,7 +383,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
         "quantize_first_last": config.quantize_first_last,
         "fast_activations": config.fast_activations,  # what `convert` does by default
     }
-    return _report(graph, plan, folds, unfolded, options, notes, {})
+    return _report(graph, plan, folds, unfolded, options, notes, {}, nested_plan=nested_plan)
 
 
 def fold_batch_norms(model):
@@ -391,7 +407,7 @@ def fold_batch_norms(model):
     return folded, report
 
 
-def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=None):
+def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=None, nested_plan=None):
     report = ConversionReport(graph.model.name, options, notes=notes, seconds=seconds)
     report.folded_batch_norms = fold_records(folds)
     report.unfolded_batch_norms = [{"batch_norm": bn.name, "reason": why} for bn, why in unfolded]
@@ -408,6 +424,7 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=N
                     class_name=type(layer).__name__,
                     status="quantized",
                     params=int(layer_plan.kernel.size),
+                    kernel_params=int(layer_plan.kernel.size),
                     weight_bits=layer_plan.weight_bits,
                     position=layer_plan.position,
                     exponent=layer_plan.fit.exponent if layer_plan.fit else None,
@@ -431,8 +448,12 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=N
                     status="float",
                     reason=float_reasons[id(layer)],
                     params=int(sum(np.prod(w.shape) for w in layer.weights)),
+                    kernel_params=nested.kernel_parameters(layer, own=nested_plan is not None
+                                                          and bool(nested_plan.rows_of(layer))),
                 )
             )
+        if nested_plan is not None:
+            report.layers += [_nested_report(layer, *row) for row in nested_plan.rows_of(layer)]
     for quantizer in plan.quantizers.values():
         fit = quantizer.fit
         report.activations.append(
@@ -455,3 +476,34 @@ def _report(graph, plan, folds, unfolded, options, notes, seconds, corrections=N
             )
         )
     return report
+
+
+def _nested_report(owner, name, kernel, layer, reason):
+    """The `LayerReport` of a kernel layer nested in another layer (`converter.nested`)."""
+    if kernel is None:
+        return LayerReport(
+            name=name, class_name=type(layer).__name__, status="float", reason=reason,
+            params=int(sum(np.prod(w.shape) for w in layer.weights)), kernel_params=nested.kernel_parameters(layer),
+            nested_in=owner.name,
+        )
+    fit, input_fit = kernel.fit, kernel.input_fit
+    return LayerReport(
+        name=name,
+        class_name=type(layer).__name__,
+        status="quantized",
+        params=int(kernel.kernel.size),
+        kernel_params=int(kernel.kernel.size),
+        weight_bits=kernel.weight_bits,
+        exponent=fit.exponent if fit else None,
+        error=fit.error if fit else None,
+        uniform_error=fit.uniform_error if fit else None,
+        weight_clip=kernel.clip_fraction if fit else None,
+        input_quantizer=f"{name}_input_quantizer" if input_fit else None,
+        input_bits=kernel.input_bits if input_fit else None,
+        input_reason=kernel.reason,
+        clip_fraction=kernel.clip_fraction,
+        nested_in=owner.name,
+        input_exponent=input_fit.exponent if input_fit else None,
+        input_clip=input_fit.clip if input_fit else None,
+        rule=kernel.rule,
+    )

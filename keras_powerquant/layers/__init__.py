@@ -10,3 +10,5 @@ from keras_powerquant.layers.conv2d_transpose import PowerQuantConv2DTranspose
 from keras_powerquant.layers.dense import PowerQuantDense
 from keras_powerquant.layers.einsum_dense import PowerQuantEinsumDense
 from keras_powerquant.layers.quantized_kernel import QuantizedKernelLayer
+from keras_powerquant.layers.sublayers import PowerQuantInputQuantized
+from keras_powerquant.layers.sublayers import PowerQuantSublayers
