@@ -25,7 +25,10 @@ SCOPES = ("layer", "network")
 # True picks "empirical" with calibration data, "analytic" without.
 BIAS_CORRECTION_MODES = (True, False, "analytic", "empirical")
 # Every refinement step, in the order `refine=True` runs them.
-REFINEMENT_STEPS = ("grid", "granularity", "lapq", "rounding")
+# What `refine=True` runs; learned rounding ("rounding") is an option (hours
+# on a CPU for a ResNet-50 where second-order rounding takes minutes).
+REFINEMENT_STEPS = ("grid", "granularity", "lapq", "gptq")
+KNOWN_STEPS = REFINEMENT_STEPS + ("rounding",)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -86,13 +89,15 @@ class ConversionConfig:
             integer >= 1, or None for all).
         refine: loss-aware refinement after the per-layer fit (needs
             calibration data): True runs the recommended steps ("grid",
-            "granularity", "lapq", "rounding"), a list runs the steps
+            "granularity", "lapq", "gptq"), a list runs the steps
             named. "grid" picks `a*` or `a = 1` per layer and activation by
             the network loss (never worse than uniform on it),
             "granularity" per-tensor scales where they cost nothing, "lapq"
-            LAPQ's joint Powell search over clips and exponents, "rounding"
-            learned rounding (AdaRound). See `keras_powerquant.refinement`
-            and docs/method.md §8. Stored as the tuple of step names.
+            LAPQ's joint Powell search over clips and exponents, "gptq"
+            second-order rounding (GPTQ, docs/method.md §9), "rounding"
+            learned rounding (AdaRound; gradient steps, slow on a CPU).
+            See `keras_powerquant.refinement` and docs/method.md §8.
+            Stored as the tuple of step names.
         target_size: mixed precision: weight bits per layer (2..8) chosen
             by loss sensitivity per byte so that the converted model's
             weights take at most this many bytes (an int) or this fraction
@@ -327,11 +332,11 @@ def _check_refine(refine):
         names = [None]
     if None in names:
         raise ValueError(
-            f"`refine` must be True, False or a list of step names {sorted(REFINEMENT_STEPS)}; got {refine!r}."
+            f"`refine` must be True, False or a list of step names {sorted(KNOWN_STEPS)}; got {refine!r}."
         )
-    unknown = [name for name in names if name not in REFINEMENT_STEPS]
+    unknown = [name for name in names if name not in KNOWN_STEPS]
     if unknown:
-        raise ValueError(f"Unknown refinement step(s) {unknown}; the steps are {sorted(REFINEMENT_STEPS)}.")
+        raise ValueError(f"Unknown refinement step(s) {unknown}; the steps are {sorted(KNOWN_STEPS)}.")
     return tuple(dict.fromkeys(names))
 
 

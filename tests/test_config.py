@@ -10,6 +10,7 @@ import pytest
 
 import keras_powerquant as kpq
 from keras_powerquant.config import ConversionConfig
+from keras_powerquant.config import KNOWN_STEPS
 from keras_powerquant.config import REFINEMENT_STEPS
 from tests import models
 
@@ -151,7 +152,7 @@ def test_the_config_needs_neither_keras_nor_tensorflow():
 def test_refinement_runs_every_step_the_config_accepts():
     from keras_powerquant import refinement
 
-    assert set(refinement.STEPS) == set(REFINEMENT_STEPS)
+    assert set(refinement.STEPS) == set(KNOWN_STEPS) and set(REFINEMENT_STEPS) <= set(KNOWN_STEPS)
 
 
 # ---------------------------------------------------------------------------

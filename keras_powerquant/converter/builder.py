@@ -147,6 +147,7 @@ class ModelBuilder:
             entry.quantized_bias(op.layer, plan.bias),
             plan.clip_fraction,
             plan.rounding_up,
+            plan.codes,
         )
         self.quantized_layers[id(op.layer)] = new
         if split:

@@ -85,6 +85,8 @@ class LayerPlan:
             follows `convert`'s `per_channel`.
         rounding_up: learned rounding (boolean, the PowerQuant layer's kernel shape: round up from
             the floor), or None to round to nearest.
+        codes: explicit integer codes (second-order rounding, the PowerQuant
+            layer's kernel shape), or None; they override `rounding_up`.
     """
 
     op: object
@@ -99,6 +101,7 @@ class LayerPlan:
     clip_fraction: float = 1.0
     per_channel: Optional[bool] = None
     rounding_up: object = None
+    codes: object = None
 
     @property
     def layer(self):

@@ -117,7 +117,7 @@ class QuantizedKernelLayer(keras.layers.Layer):
         table = self.quantizer.decode_table()
         self._decode_table = nibble_pair_table(table) if self.packed else table
 
-    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None):
+    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None, codes=None):
         """Quantizes a float kernel into this (built) layer and sets the bias.
 
         Args:
@@ -130,6 +130,8 @@ class QuantizedKernelLayer(keras.layers.Layer):
                 or one per scale: the scales become `alpha max |W|` and larger
                 magnitudes take the largest code.
             rounding_up: optional learned rounding, see `WeightQuantizer.encode`.
+            codes: optional explicit integer codes of the kernel's shape
+                (second-order rounding), see `WeightQuantizer.encode`.
         """
         kernel = np.asarray(kernel, dtype=np.float32)
         if kernel.shape != self._kernel_shape:
@@ -138,7 +140,7 @@ class QuantizedKernelLayer(keras.layers.Layer):
                 f"got {kernel.shape}."
             )
         channel_ndim = self.channel_ndim if self.quantizer.per_channel else 0
-        codes, scales = self.quantizer.encode(kernel, channel_ndim, clip_fraction, rounding_up)
+        codes, scales = self.quantizer.encode(kernel, channel_ndim, clip_fraction, rounding_up, codes)
         self.kernel_codes.assign(pack_nibbles(codes) if self.packed else codes)
         self.kernel_scale.assign(scales)
         if self.use_bias:

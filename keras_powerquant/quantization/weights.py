@@ -107,7 +107,7 @@ class WeightQuantizer:
             return maxima
         return np.asarray(maxima * clip_fraction, dtype=np.float32)
 
-    def encode(self, weights, channel_ndim=1, clip_fraction=1.0, rounding_up=None):
+    def encode(self, weights, channel_ndim=1, clip_fraction=1.0, rounding_up=None, codes=None):
         """Quantizes `weights` to integer codes.
 
         Magnitudes above the scale `s` (with `alpha < 1`) get the largest
@@ -121,6 +121,10 @@ class WeightQuantizer:
                 shape of `weights`; each code magnitude is then
                 `floor(m (|W| / s)^a)`, plus 1 where True (at most `m`),
                 instead of the nearest.
+            codes: explicit integer codes of the shape of `weights`, in
+                `[-m, m]` (second-order rounding, docs/method.md §9): returned
+                as they are (0 where a scale is 0), the scales computed from
+                `weights` as always. Overrides `rounding_up`.
 
         Returns:
             `(codes, scales)`: int8 codes of the shape of `weights`, in
@@ -131,6 +135,8 @@ class WeightQuantizer:
             raise ValueError("Cannot quantize weights that contain NaN or Inf.")
         scales = self.scales(weights, channel_ndim, clip_fraction)
         # All-zero channels keep a zero scale; dividing by 1 gives code 0.
+        if codes is not None:
+            return self._explicit_codes(codes, weights.shape, scales), scales
         safe = np.where(scales > 0, scales, np.float32(1.0))
         normalized = np.abs(weights) / safe
         if rounding_up is None:
@@ -140,6 +146,14 @@ class WeightQuantizer:
             magnitudes = np.minimum(np.floor(powered) + np.asarray(rounding_up, dtype=bool), self.max_code)
         codes = np.where(weights < 0, -magnitudes, magnitudes)
         return codes.astype(np.int8), scales
+
+    def _explicit_codes(self, codes, shape, scales):
+        codes = np.asarray(codes)
+        if codes.shape != shape:
+            raise ValueError(f"Explicit codes have shape {codes.shape}; the weights have {shape}.")
+        if not np.issubdtype(codes.dtype, np.integer) or np.any(np.abs(codes.astype(np.int64)) > self.max_code):
+            raise ValueError(f"Explicit codes must be integers in [-{self.max_code}, {self.max_code}].")
+        return np.where(np.broadcast_to(scales, shape) > 0, codes, 0).astype(np.int8)
 
     def decode(self, codes, scales):
         """Reconstructs float32 weights from codes and scales."""

@@ -19,6 +19,7 @@ from keras_powerquant.refinement.data import check_labels
 from keras_powerquant.refinement.data import in_memory_size
 from keras_powerquant.refinement.data import InputReservoir
 from keras_powerquant.refinement.objective import NetworkObjective
+from keras_powerquant.refinement.second_order import gptq_step
 from keras_powerquant.refinement.settings import apply_settings
 from keras_powerquant.refinement.settings import KernelFitter
 from keras_powerquant.refinement.settings import Settings
@@ -31,7 +32,13 @@ from keras_powerquant.refinement.steps import RefinementContext
 from keras_powerquant.refinement.steps import rounding_step
 
 # The step functions, by the names `ConversionConfig(refine=...)` accepts.
-STEPS = {"grid": grid_step, "granularity": granularity_step, "lapq": lapq_step, "rounding": rounding_step}
+STEPS = {
+    "grid": grid_step,
+    "granularity": granularity_step,
+    "lapq": lapq_step,
+    "gptq": gptq_step,
+    "rounding": rounding_step,
+}
 
 __all__ = ["check_calibration_labels", "InputReservoir", "Refinement", "refine_plan", "size_budget", "weight_bytes"]
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant.refinement.tunable import CODES
 from keras_powerquant.refinement.tunable import FLOAT
 from keras_powerquant.refinement.tunable import HARD
 from keras_powerquant.refinement.tunable import NEAREST
@@ -136,14 +137,20 @@ class NetworkObjective:
                 self._assign(layer.max_code, float(2 ** (setting.bits - 1) - 1)),
                 self._assign(layer.per_channel_flag, 1.0 if setting.per_channel else 0.0),
             ]
-            rounding_up = settings.rounding.get(name)
-            if rounding_up is not None:
+            codes = settings.codes_for(name)
+            rounding_up = None if codes is not None else settings.rounding.get(name)
+            chosen = codes if codes is not None else rounding_up
+            if chosen is not None:
                 # The array changes with the settings that hold it: compare by identity.
-                if self._assigned.get(id(layer.rounding)) is not rounding_up:
-                    layer.rounding.assign(np.where(rounding_up, 1.0, -1.0).astype(np.float32))
-                    self._assigned[id(layer.rounding)] = rounding_up
+                if self._assigned.get(id(layer.rounding)) is not chosen:
+                    values = codes if codes is not None else np.where(rounding_up, 1.0, -1.0)
+                    layer.rounding.assign(np.asarray(values, dtype=np.float32))
+                    self._assigned[id(layer.rounding)] = chosen
                     changed.append(True)
-            mode = FLOAT if not quantized else (HARD if rounding_up is not None else NEAREST)
+            if not quantized:
+                mode = FLOAT
+            else:
+                mode = CODES if codes is not None else (HARD if rounding_up is not None else NEAREST)
             changed.append(self._assign(layer.rounding_mode, mode))
             if any(changed):
                 layer.refresh_kernel()

@@ -40,6 +40,14 @@ class ActivationSetting:
     exponent: float
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExplicitCodes:
+    """A layer's integer codes (int8, its PowerQuant kernel's shape) and the `KernelSetting` they are codes of."""
+
+    setting: KernelSetting
+    codes: np.ndarray
+
+
 @dataclasses.dataclass
 class Settings:
     """Every quantizer's setting.
@@ -50,19 +58,32 @@ class Settings:
         rounding: learned rounding by layer name: a boolean array of the
             kernel's shape, True where the code rounds up from
             `floor(m (|W| / s)^a)`; layers absent round to nearest.
+        codes: explicit integer codes by layer name (second-order
+            rounding), `ExplicitCodes`; they apply only while the layer's
+            `KernelSetting` is the one they were found for (`codes_for`),
+            and then override `rounding`.
     """
 
     kernels: dict
     activations: dict
     rounding: dict = dataclasses.field(default_factory=dict)
+    codes: dict = dataclasses.field(default_factory=dict)
 
-    def replace(self, kernels=None, activations=None, rounding=None):
-        """A copy with some settings replaced (dicts of `kernels`, `activations`, `rounding`)."""
+    def replace(self, kernels=None, activations=None, rounding=None, codes=None):
+        """A copy with some settings replaced (dicts of `kernels`, `activations`, `rounding`, `codes`)."""
         return Settings(
             {**self.kernels, **(kernels or {})},
             {**self.activations, **(activations or {})},
             {**self.rounding, **(rounding or {})},
+            {**self.codes, **(codes or {})},
         )
+
+    def codes_for(self, name):
+        """The layer's explicit codes, or None (none, or found for another kernel setting than its current one)."""
+        explicit = self.codes.get(name)
+        if explicit is None or explicit.setting != self.kernels[name]:
+            return None
+        return explicit.codes
 
     @classmethod
     def from_plan(cls, plan, per_channel):
@@ -145,7 +166,8 @@ def apply_settings(plan, settings, fitters, activation_models):
         layer_plan.weight_bits = setting.bits
         layer_plan.clip_fraction = setting.clip_fraction
         layer_plan.per_channel = setting.per_channel
-        layer_plan.rounding_up = settings.rounding.get(layer_plan.layer.name)
+        layer_plan.codes = settings.codes_for(layer_plan.layer.name)
+        layer_plan.rounding_up = None if layer_plan.codes is not None else settings.rounding.get(layer_plan.layer.name)
         layer_plan.fit = ExponentFit(setting.exponent, fitter.error(setting), fitter.error(uniform))
     for key, setting in settings.activations.items():
         quantizer = plan.quantizers[key]

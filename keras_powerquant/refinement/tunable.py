@@ -25,7 +25,9 @@ be replaced by `floor(u) + h(V)`, with a per-weight variable `V` and the
 rectified sigmoid `h(V) = clip(1.2 sigmoid(V) - 0.1, 0, 1)` (`SOFT`), or
 by `floor(u) + [V >= 0]` once learned (`HARD`); `FLOAT` computes with the
 float kernel and a disabled activation quantizer passes values through, so
-the same model also gives the float network's intermediate values.
+the same model also gives the float network's intermediate values. In
+`CODES` mode (second-order rounding) `V` holds the signed integer codes
+themselves: `W_hat = sign(V) s (|V| / m)^(1/a)`.
 
 Bias correction as conversion applies it after refinement (empirical:
 each layer's output mean moved back to the float model's) is part of what
@@ -51,7 +53,7 @@ _TINY = 1e-30
 
 
 # Kernel rounding modes (the `rounding_mode` variable).
-NEAREST, SOFT, HARD, FLOAT = 0, 1, 2, 3
+NEAREST, SOFT, HARD, FLOAT, CODES = 0, 1, 2, 3, 4
 _STRETCH = (-0.1, 1.1)
 
 
@@ -156,8 +158,8 @@ class TunableKernelMixin:
         """Recomputes `cached_kernel` from the settings: after any of them changes."""
         self.cached_kernel.assign(self.dequantized_kernel())
 
-    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None):
-        # Learned rounding reaches this model through `NetworkObjective.assign`.
+    def set_float_weights(self, kernel, bias=None, clip_fraction=1.0, rounding_up=None, codes=None):
+        # Learned rounding and explicit codes reach this model through `NetworkObjective.assign`.
         kernel = np.asarray(kernel, dtype=np.float32)
         self.float_kernel.assign(kernel)
         self.channel_max.assign(channel_scales(kernel, self.channel_ndim))
@@ -183,17 +185,22 @@ class TunableKernelMixin:
         kernel = self.float_kernel
         powered = self.powered_codes()
         top = self.max_code
+        nearest = lambda: _rounded(powered)  # noqa: E731
         codes = tf.switch_case(
-            tf.minimum(self.rounding_mode, HARD),
+            tf.convert_to_tensor(self.rounding_mode),
             [
-                lambda: _rounded(powered),
+                nearest,
                 lambda: tf.minimum(tf.floor(powered) + rectified_sigmoid(self.rounding), top),
                 lambda: tf.minimum(tf.floor(powered) + tf.cast(self.rounding >= 0, tf.float32), top),
+                nearest,  # FLOAT: unused
+                lambda: tf.abs(self.rounding),
             ],
         )
         ratio = tf.maximum(codes / top, _TINY)
         magnitudes = tf.where(codes > 0, tf.pow(ratio, 1.0 / self.exponent), 0.0)
-        quantized = tf.sign(kernel) * magnitudes * self.scale()
+        # Explicit codes carry their own sign: a small weight's code may cross zero.
+        sign = tf.where(tf.equal(self.rounding_mode, CODES), tf.sign(self.rounding), tf.sign(kernel))
+        quantized = sign * magnitudes * self.scale()
         return tf.cond(tf.equal(self.rounding_mode, FLOAT), lambda: tf.identity(kernel), lambda: quantized)
 
 

@@ -1,0 +1,276 @@
+"""The `gptq` refinement step: second-order rounding of every kernel (docs/method.md §9).
+
+For each quantized layer, in graph order, its input is read from the
+evaluation model with the layers before it quantized (their second-order
+codes applied, activation quantizers and bias correction as the loss
+applies them), turned into the rows `X` of the layer's linear map (im2col
+patches of a convolution, in its kernel's flatten order), and the Hessian
+`H = 2 X^T X / rows` is accumulated per kernel group; the numpy core
+`keras_powerquant.quantization.second_order.gptq_codes` then finds the
+codes on the layer's own grid (bits, exponent, scales, clip fraction as
+the earlier steps left them).
+
+To bound the number of forward passes, layers are taken in consecutive
+groups of at most `ceil(layers / MAX_PASSES)` (and at most
+`PASS_BYTES` of inputs per batch): one pass reads the inputs of a whole
+group, so a layer sees the second-order codes of the groups before its
+own and nearest rounding within it. Convolution rows are a seeded uniform
+sample of output positions, at most `max(ROWS, 4 n)` per layer (`n`
+inputs of its linear map).
+"""
+
+import math
+
+import numpy as np
+
+from keras_powerquant.converter.registry import linear_type
+from keras_powerquant.quantization.second_order import gptq_codes
+from keras_powerquant.quantization.second_order import HessianAccumulator
+from keras_powerquant.quantization.second_order import output_error
+from keras_powerquant.quantization.second_order import PowerGrid
+from keras_powerquant.quantization.weights import channel_scales
+from keras_powerquant.refinement.settings import ExplicitCodes
+from keras_powerquant.refinement.steps import StepReport
+
+# At most this many forward passes read layer inputs (layers are grouped to fit).
+MAX_PASSES = 16
+# A pass holds at most this many bytes of layer inputs per batch.
+PASS_BYTES = 1 << 30
+# Rows of `X` per layer: at least this many (where the data has them), and 4 per input of the linear map.
+ROWS = 16384
+
+
+class LayerFeatures:
+    """How one layer's input becomes the rows of its linear map, and its kernel the matching `(G, n, k)` matrices.
+
+    Args:
+        layer: the original Keras layer.
+        kernel_shape: the PowerQuant (tunable) layer's kernel shape.
+
+    Attributes:
+        reason: why the layer is rounded to nearest instead (None if it is not).
+    """
+
+    def __init__(self, layer, kernel_shape):
+        self.layer = layer
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        entry = linear_type(layer)
+        self.layout = entry.layout
+        self.reason = None
+        self.groups = 1
+        if type(layer).__name__ == "Conv2DTranspose":
+            self.reason = (
+                "a transposed convolution's outputs are not one patch of its input times its kernel; "
+                "rounded to nearest"
+            )
+            return
+        if self.layout == "dense":
+            self.inputs = int(np.prod(self.kernel_shape[:-1])) if entry.flattening is None else 0
+            if entry.flattening is not None:
+                flattening = entry.flattening(layer)
+                self.row_ndim = len(flattening.row_shape)
+                self.inputs = math.prod(flattening.row_shape)
+            else:
+                self.row_ndim = 1
+            self.outputs = int(np.prod(self.kernel_shape)) // self.inputs
+            return
+        self.spatial = self.kernel_shape[:-2]
+        self.taps = math.prod(self.spatial)
+        self.strides = tuple(layer.strides)
+        self.dilation = tuple(layer.dilation_rate)
+        self.padding = layer.padding
+        self.channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+        if self.layout == "conv":
+            self.groups = int(getattr(layer, "groups", 1))
+
+    @property
+    def hessian_shape(self):
+        """`(G, n)`: groups and inputs per group."""
+        if self.layout == "dense":
+            return 1, self.inputs
+        if self.layout == "depthwise":
+            return self.kernel_shape[-2], self.taps
+        return self.groups, self.taps * self.kernel_shape[-2]
+
+    def matrices(self, kernel):
+        """The kernel (PowerQuant layer shape) as `(G, n, k)`."""
+        kernel = np.asarray(kernel)
+        if self.layout == "dense":
+            return kernel.reshape(1, self.inputs, -1)
+        if self.layout == "depthwise":
+            channels, multiplier = self.kernel_shape[-2:]
+            return kernel.reshape(self.taps, channels, multiplier).transpose(1, 0, 2)
+        group_inputs, outputs = self.kernel_shape[-2:]
+        per_group = outputs // self.groups
+        grouped = kernel.reshape(self.taps, group_inputs, self.groups, per_group).transpose(2, 0, 1, 3)
+        return grouped.reshape(self.groups, self.taps * group_inputs, per_group)
+
+    def kernel(self, matrices):
+        """`matrices`' inverse: `(G, n, k)` back in the PowerQuant layer's kernel shape."""
+        if self.layout == "dense":
+            return np.reshape(matrices, self.kernel_shape)
+        if self.layout == "depthwise":
+            return np.transpose(matrices, (1, 0, 2)).reshape(self.kernel_shape)
+        group_inputs, outputs = self.kernel_shape[-2:]
+        grouped = np.reshape(matrices, (self.groups, self.taps, group_inputs, outputs // self.groups))
+        return grouped.transpose(1, 2, 0, 3).reshape(self.kernel_shape)
+
+    def rows(self, inputs, count, rng):
+        """Up to `count` rows `(rows, G, n)` of the linear map's inputs from a batch of the layer's input."""
+        x = np.asarray(inputs, dtype=np.float32)
+        groups, size = self.hessian_shape
+        if self.layout == "dense":
+            flat = x.reshape(-1, self.inputs)
+            if flat.shape[0] > count:
+                flat = flat[np.sort(rng.choice(flat.shape[0], count, replace=False))]
+            return flat.reshape(-1, 1, self.inputs)
+        if self.channels_first:
+            x = np.moveaxis(x, 1, -1)
+        patches = self.patches(x, count, rng)  # (rows, taps, channels)
+        if self.layout == "depthwise":
+            return np.transpose(patches, (0, 2, 1))
+        rows, taps, channels = patches.shape
+        grouped = patches.reshape(rows, taps, self.groups, channels // self.groups).transpose(0, 2, 1, 3)
+        return grouped.reshape(rows, self.groups, size)
+
+    def patches(self, x, count, rng):
+        """im2col patches `(rows, taps, channels)` at up to `count` sampled output positions (channels-last `x`)."""
+        sizes = x.shape[1:-1]
+        pads, outputs = [], []
+        for length, k, s, d in zip(sizes, self.spatial, self.strides, self.dilation):
+            before, after, out = _padding(length, k, s, d, self.padding)
+            pads.append((before, after))
+            outputs.append(out)
+        padded = np.pad(x, [(0, 0)] + pads + [(0, 0)])
+        total = x.shape[0] * math.prod(outputs)
+        chosen = np.arange(total) if total <= count else np.sort(rng.choice(total, count, replace=False))
+        position = np.unravel_index(chosen, (x.shape[0],) + tuple(outputs))
+        taps = np.unravel_index(np.arange(self.taps), self.spatial)
+        index = [position[0][:, None]]
+        for axis in range(len(self.spatial)):
+            start = position[axis + 1][:, None] * self.strides[axis]
+            index.append(start + taps[axis][None, :] * self.dilation[axis])
+        return padded[tuple(index)]
+
+
+def _padding(length, k, stride, dilation, padding):
+    """`(before, after, outputs)` of one spatial axis, as TensorFlow pads ("valid", "same", "causal")."""
+    extent = (k - 1) * dilation + 1
+    if padding == "valid":
+        return 0, 0, (length - extent) // stride + 1
+    if padding == "causal":
+        return extent - 1, 0, (length - 1) // stride + 1
+    out = -(-length // stride)
+    total = max((out - 1) * stride + extent - length, 0)
+    return total // 2, total - total // 2, out
+
+
+def _layer_grid(features, kernel, setting):
+    """The `PowerGrid` of a layer's kernel setting, its scales `(G, k)` as the PowerQuant layer computes them."""
+    channel_ndim = linear_type(features.layer).channel_ndim if setting.per_channel else 0
+    scales = np.asarray(channel_scales(kernel, channel_ndim) * np.float64(setting.clip_fraction), dtype=np.float32)
+    # Every row of a `(G, n, k)` matrix has the same scales.
+    grid_scales = features.matrices(np.broadcast_to(scales, kernel.shape))[:, 0, :]
+    return PowerGrid(setting.bits, setting.exponent, grid_scales)
+
+
+def gptq_step(context, settings):
+    """Second-order (GPTQ) rounding of every quantized layer's kernel, on its grid as the settings give it.
+
+    Keeps the result only if the network loss does not rise; per layer,
+    the second-order codes replace nearest rounding only where they lower
+    the layer's output error on rows held out from their fit.
+    """
+    import keras
+
+    objective = context.objective
+    start_loss = objective(settings)
+    report = StepReport("gptq", start_loss, start_loss)
+    layer_plans = {p.layer.name: p for p in context.plan.layers.values()}
+    names = list(settings.kernels)
+    features = {}
+    for name in names:
+        tunable = objective.kernel_layers[name]
+        features[name] = LayerFeatures(layer_plans[name].layer, tunable.float_kernel.shape)
+        if features[name].reason is not None:
+            report.notes.append(f"{name}: {features[name].reason}")
+    done_names = [n for n in names if features[n].reason is None]
+    batches = objective.batches
+    per_pass = max(1, math.ceil(len(done_names) / MAX_PASSES))
+    passes, current_pass, pass_bytes = [], [], 0
+    for name in done_names:
+        shape = objective.kernel_layers[name].input.shape
+        size = 4 * math.prod(int(d) for d in shape[1:]) * max(int(xs[0].shape[0]) for xs in batches)
+        if current_pass and (len(current_pass) >= per_pass or pass_bytes + size > PASS_BYTES):
+            passes.append(current_pass)
+            current_pass, pass_bytes = [], 0
+        current_pass.append(name)
+        pass_bytes += size
+    if current_pass:
+        passes.append(current_pass)
+    report.notes.append(f"{len(done_names)} layers in {len(passes)} input passes")
+    current = settings
+    done = 0
+    for group in passes:
+        objective.assign(current)
+        reader = keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
+        accumulators = {}
+        rngs = {}
+        for name in group:
+            groups, size = features[name].hessian_shape
+            accumulators[name] = (HessianAccumulator(groups, size), HessianAccumulator(groups, size))
+            rngs[name] = np.random.default_rng(names.index(name))
+        for index, xs in enumerate(batches):
+            objective.use_batch(index)
+            outputs = reader(xs if len(xs) > 1 else xs[0], training=False)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            for name, x in zip(group, outputs):
+                size = features[name].hessian_shape[1]
+                count = math.ceil(max(ROWS, 4 * size) / len(batches))
+                rows = features[name].rows(np.asarray(x), count, rngs[name])
+                # Even rows fit, odd rows check; the codes kept are fitted on all.
+                accumulators[name][0].add(rows[0::2])
+                accumulators[name][1].add(rows[1::2])
+        for name in group:
+            setting = current.kernels[name]
+            kernel = objective.kernel_layers[name].float_kernel.numpy()
+            grid = _layer_grid(features[name], kernel, setting)
+            matrices = features[name].matrices(kernel).astype(np.float64)
+            fit, check = (a.hessian() for a in accumulators[name])
+            whole = grid.with_scales(grid.scales[:, None, :])
+            nearest = whole.codes(matrices)
+            near_decoded = whole.decode(nearest)
+            trial = gptq_codes(matrices, fit, grid)
+            trial_decoded = whole.decode(trial)
+            error_nearest = output_error(matrices, near_decoded, check)
+            error_trial = output_error(matrices, trial_decoded, check)
+            decision = {
+                "name": name,
+                "groups": int(matrices.shape[0]),
+                "inputs": int(matrices.shape[1]),
+                "rows": int(accumulators[name][0].rows + accumulators[name][1].rows),
+                "held_out_error_nearest": error_nearest,
+                "held_out_error_second_order": error_trial,
+            }
+            if error_trial < error_nearest:
+                total = accumulators[name][0].total + accumulators[name][1].total
+                rows = accumulators[name][0].rows + accumulators[name][1].rows
+                codes = gptq_codes(matrices, 2.0 * total / max(rows, 1), grid)
+                decision["chosen"] = "second-order"
+                decision["changed_fraction"] = float(np.mean(codes != nearest))
+                explicit = features[name].kernel(codes).astype(np.int8)
+                current = current.replace(codes={name: ExplicitCodes(setting, explicit)})
+            else:
+                decision["chosen"] = "nearest"
+            report.decisions.append(decision)
+            done += 1
+            context.report_progress("refine: gptq", done, len(done_names))
+    final_loss = objective(current)
+    if final_loss > start_loss:
+        report.notes.append(
+            f"second-order rounding raised the network loss to {final_loss:.6g}: kept the rounding before it"
+        )
+        objective(settings)
+        return settings, report
+    report.loss_after = final_loss
+    return current, report
