@@ -25,10 +25,10 @@ SCOPES = ("layer", "network")
 # True picks "empirical" with calibration data, "analytic" without.
 BIAS_CORRECTION_MODES = (True, False, "analytic", "empirical")
 # Every refinement step, in the order `refine=True` runs them.
-# What `refine=True` runs; learned rounding ("rounding") is an option (hours
-# on a CPU for a ResNet-50 where second-order rounding takes minutes).
-REFINEMENT_STEPS = ("grid", "granularity", "lapq", "gptq")
-KNOWN_STEPS = REFINEMENT_STEPS + ("rounding",)
+# What `refine=True` runs. Second-order rounding ("gptq") is an option until
+# its benchmarks (issue 19) show it at or above learned rounding everywhere.
+REFINEMENT_STEPS = ("grid", "granularity", "lapq", "rounding")
+KNOWN_STEPS = REFINEMENT_STEPS + ("gptq",)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -89,13 +89,14 @@ class ConversionConfig:
             integer >= 1, or None for all).
         refine: loss-aware refinement after the per-layer fit (needs
             calibration data): True runs the recommended steps ("grid",
-            "granularity", "lapq", "gptq"), a list runs the steps
+            "granularity", "lapq", "rounding"), a list runs the steps
             named. "grid" picks `a*` or `a = 1` per layer and activation by
             the network loss (never worse than uniform on it),
             "granularity" per-tensor scales where they cost nothing, "lapq"
-            LAPQ's joint Powell search over clips and exponents, "gptq"
-            second-order rounding (GPTQ, docs/method.md §9), "rounding"
-            learned rounding (AdaRound; gradient steps, slow on a CPU).
+            LAPQ's joint Powell search over clips and exponents, "rounding"
+            learned rounding (AdaRound; gradient steps, slow on a CPU),
+            "gptq" second-order rounding (GPTQ on the layer's own grid, see
+            `keras_powerquant.refinement.second_order`).
             See `keras_powerquant.refinement` and docs/method.md §8.
             Stored as the tuple of step names.
         target_size: mixed precision: weight bits per layer (2..8) chosen

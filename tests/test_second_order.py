@@ -136,7 +136,10 @@ LAYERS = {
     "conv2d_valid_dilated": ((9, 9, 4), lambda: L.Conv2D(5, 3, dilation_rate=2, use_bias=False)),
     "conv2d_even_kernel": ((8, 8, 3), lambda: L.Conv2D(4, (2, 4), strides=(1, 3), padding="same", use_bias=False)),
     "conv2d_grouped": ((8, 8, 6), lambda: L.Conv2D(9, 3, padding="same", groups=3, use_bias=False)),
-    "depthwise": ((8, 8, 5), lambda: L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, use_bias=False)),
+    "depthwise": (
+        (8, 8, 5),
+        lambda: L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, use_bias=False),
+    ),
     "conv1d_causal": ((12, 4), lambda: L.Conv1D(6, 3, padding="causal", dilation_rate=2, use_bias=False)),
     "conv1d_strided": ((13, 4), lambda: L.Conv1D(6, 4, strides=3, padding="same", use_bias=False)),
     "conv3d": ((5, 6, 5, 2), lambda: L.Conv3D(3, (2, 3, 2), padding="same", use_bias=False)),
@@ -193,7 +196,9 @@ def _capture_settings(monkeypatch):
 OPTIONS = {"quantize_first_last": True, "bias_correction": False, "refine_samples": 100}
 
 
-@pytest.mark.parametrize("name", ["conv2d_same_strided", "conv2d_grouped", "depthwise", "conv1d_causal", "dense_sequence", "einsum_dense"])
+@pytest.mark.parametrize(
+    "name", ["conv2d_same_strided", "conv2d_grouped", "depthwise", "conv1d_causal", "dense_sequence", "einsum_dense"]
+)
 def test_gptq_lowers_the_layer_error_and_the_model_carries_its_codes(name, monkeypatch, tmp_path):
     model, layer = _one_layer_model(name)
     calibration = _smooth_inputs(LAYERS[name][0], 100, seed=1)

@@ -1,4 +1,4 @@
-"""Second-order rounding of a kernel on a power grid (GPTQ / OBQ; docs/method.md §9).
+"""Second-order rounding of a kernel on a power grid (GPTQ / OBQ; docs/method.md §10).
 
 A linear layer computes `y = X W` with `W` of shape `(n, k)` (`n` inputs,
 `k` outputs; a convolution over its im2col patches). For fixed scales,

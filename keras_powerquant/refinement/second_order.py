@@ -1,4 +1,4 @@
-"""The `gptq` refinement step: second-order rounding of every kernel (docs/method.md §9).
+"""The `gptq` refinement step: second-order rounding of every kernel (docs/method.md §10).
 
 For each quantized layer, in graph order, its input is read from the
 evaluation model with the layers before it quantized (their second-order
