@@ -36,6 +36,15 @@ class ReservoirSampler:
             # Only values below the current largest kept priority can enter.
             keep = priorities < self._priorities.max()
             chunk, priorities = chunk[keep], priorities[keep]
+        elif chunk.size > 4 * self.capacity:
+            # A chunk much larger than the sample (the first 224x224
+            # activation maps): of its uniform priorities, about 2 capacity
+            # lie below 2 capacity / size. When at least `capacity` do, the
+            # `capacity` smallest overall are among them, so the partition
+            # below runs on those alone and keeps the same set as on all.
+            keep = priorities < np.float32(2.0 * self.capacity / chunk.size)
+            if np.count_nonzero(keep) >= self.capacity:
+                chunk, priorities = chunk[keep], priorities[keep]
         values = np.concatenate([self._values, chunk])
         priorities = np.concatenate([self._priorities, priorities])
         if values.size > self.capacity:
