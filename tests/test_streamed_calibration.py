@@ -10,6 +10,7 @@ import importlib
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_powerquant as kpq
 from keras_powerquant.converter import bias_correction as bc
@@ -113,3 +114,53 @@ def test_reservoir_shortcut_keeps_the_same_sample(chunks):
         assert fast.values.size == plain.values.size <= capacity
     np.testing.assert_array_equal(np.sort(fast.values), np.sort(plain.values))
     assert fast.seen == plain.seen == sum(chunks)
+
+
+def test_stage_clock_estimates_from_the_rate_after_the_first_item():
+    from keras_powerquant.progress import format_seconds
+    from keras_powerquant.progress import StageClock
+
+    now = [0.0]
+    clock = StageClock(lambda: now[0])
+    now[0] = 10.0  # the first item also traced: 10 s
+    assert clock.update("calibration", 1, 8) == (10.0, 70.0)
+    now[0] = 12.0  # then 2 s per item
+    assert clock.update("calibration", 2, 8) == (12.0, 12.0)
+    now[0] = 16.0
+    assert clock.update("calibration", 4, 8) == (16.0, 8.0)
+    now[0] = 17.0  # a new stage starts at the last report; no total, no estimate
+    assert clock.update("weights", 3, None) == (1.0, None)
+    assert [format_seconds(s) for s in (4.4, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
+
+
+def test_calibration_batches_are_counted_beforehand():
+    tensor = keras.Input((4,))
+    x = np.zeros((70, 4), np.float32)
+    assert calibration.count_batches(x, [tensor], 32) == 3
+    assert calibration.count_batches((x, np.zeros(70)), [tensor], 32, max_batches=2) == 2
+    assert calibration.count_batches([x], [tensor], 32) == 3  # [x]: the inputs
+    assert calibration.count_batches([x[:8], x[8:16]], [tensor], 32) == 2  # a list of batches
+    for data in ([x], [x[:8], x[8:16]], tf.data.Dataset.from_tensor_slices(x).batch(16)):
+        count = sum(1 for _ in calibration.calibration_batches(data, [tensor], 32))
+        assert calibration.count_batches(data, [tensor], 32) == count
+    assert calibration.count_batches(tf.data.Dataset.from_tensor_slices(x).batch(16), [tensor]) == 5
+    assert calibration.count_batches((b for b in [x]), [tensor]) is None
+
+
+def test_cli_prints_each_stage_with_done_total_and_eta(tmp_path):
+    """`kpq convert` with calibration data: every stage reports done/total, an ETA, and its time."""
+    from tests.cli_helpers import invoke
+    from tests.cli_helpers import random_images
+    from tests.cli_helpers import save_small_model
+
+    _, paths = save_small_model(tmp_path)
+    np.save(tmp_path / "calib.npy", random_images(80, seed=5).astype("float32"))
+    result = invoke("convert", paths["keras"], "-o", tmp_path / "out", "--calibration-data", tmp_path / "calib.npy")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    # 80 images in batches of 32: three batches, known before the first.
+    assert any(line.startswith("  calibration: 1/3, ") and "ETA" in line for line in lines), lines
+    assert any(line.startswith("  calibration: 3/3 in ") for line in lines), lines
+    for stage in ("weights", "activations", "bias correction"):
+        assert any(line.startswith(f"  {stage}: ") and "/" in line and " in " in line for line in lines), (
+            stage, lines)

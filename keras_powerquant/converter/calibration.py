@@ -193,6 +193,32 @@ def calibration_batches(data, input_tensors, batch_size=DEFAULT_CALIBRATION_BATC
         )
 
 
+def count_batches(data, input_tensors, batch_size=DEFAULT_CALIBRATION_BATCH_SIZE, max_batches=None):
+    """How many batches `calibration_batches` will yield, or None when it cannot be known beforehand.
+
+    Known for in-memory arrays, sized sequences of batches and
+    `tf.data.Dataset`s of finite cardinality; not for generators. Reads no
+    data and raises nothing: `calibration_batches` validates.
+    """
+    count = None
+    inputs = _inputs_part(data, len(input_tensors))
+    values = inputs.values() if isinstance(inputs, dict) else [inputs] if _is_array(inputs) else inputs
+    if inputs is not None and values and all(_is_array(v) for v in values):
+        first = next(iter(values))
+        if getattr(first, "shape", None) is not None and len(first.shape) and first.shape[0] is not None:
+            count = -(-int(first.shape[0]) // batch_size)
+    elif isinstance(data, tuple):
+        count = 1
+    elif isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        count = cardinality if cardinality >= 0 else None
+    elif isinstance(data, collections.abc.Sized) and not isinstance(data, (str, bytes)):
+        count = len(data)
+    if max_batches is not None:
+        count = max_batches if count is None else min(count, max_batches)
+    return count
+
+
 def _flat_batches(data, input_tensors, batch_size):
     """Batches of `data` as flat lists of arrays in model input order."""
     inputs = _inputs_part(data, len(input_tensors))

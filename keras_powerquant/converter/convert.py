@@ -20,6 +20,7 @@ from keras_powerquant.converter.bias_correction import empirical_corrections
 from keras_powerquant.converter.bias_correction import refined_corrections
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
+from keras_powerquant.converter.calibration import count_batches
 from keras_powerquant.converter.calibration import record_samples
 from keras_powerquant.converter.folding import fold_records
 from keras_powerquant.converter.folding import plan_folds
@@ -244,8 +245,11 @@ def convert(
         if config.refining:
             batches = reservoir.watch(batches)
         calibrate = report_progress("calibration")
+        total_batches = count_batches(
+            calibration_data, graph.input_tensors, config.calibration_batch_size, config.calibration_steps
+        )
         samples = record_samples(
-            graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, config.calibration_steps)
+            graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, total_batches)
         )
         rules = {key: "calibration" for key in plan.quantizers}
     seconds["statistics"] = time.perf_counter() - mark
