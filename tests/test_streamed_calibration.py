@@ -35,7 +35,7 @@ def _waves(graph, plan):
     return [waves[level] for level in sorted(waves)]
 
 
-def _wave_corrections(graph, plan, model, quantized_layers, batches, progress=None):
+def _wave_corrections(graph, plan, model, quantized_layers, batches, progress=None, float_means=None):
     """The former `empirical_corrections`: one quantized pass per wave."""
     batches = bc._rebatched(batches, bc._PASS_BATCH_SIZE)
     layer_keys = list(plan.layers)
@@ -164,3 +164,35 @@ def test_cli_prints_each_stage_with_done_total_and_eta(tmp_path):
     for stage in ("weights", "activations", "bias correction"):
         assert any(line.startswith(f"  {stage}: ") and "/" in line and " in " in line for line in lines), (
             stage, lines)
+
+
+def test_calibrated_conversion_runs_the_float_model_once_per_batch(monkeypatch):
+    """Sampling activations and the float means of bias correction share one pass."""
+    from keras_powerquant.converter.graph import FlatGraph
+
+    model = models.build("resnet")
+    data = models.reference_inputs(model, n=96)
+    calls = []
+    evaluate = FlatGraph.evaluate
+
+    def counting(self, inputs, call_op, keep=None):
+        if self.model is model:
+            calls.append(int(inputs[0].shape[0]))
+        return evaluate(self, inputs, call_op, keep=keep)
+
+    monkeypatch.setattr(FlatGraph, "evaluate", counting)
+    _, report = kpq.convert(model, 4, 4, calibration_data=data, calibration_batch_size=32)
+    assert report.options["bias_correction"] == "empirical"
+    assert calls == [32, 32, 32]
+
+
+def test_channel_means_count_only_the_first_samples():
+    means = calibration.ChannelMeans({"a": 1, "b": 2}, max_samples=5)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((3, 4, 2, 3)) for _ in range(3)]
+    for batch in batches:
+        if means.wants_more:
+            means.add({"a": batch, "b": batch}, len(batch))
+    counted = np.concatenate(batches[:2])  # 3 + 3 >= 5: the third batch is not counted
+    np.testing.assert_allclose(means.means()["a"], counted.reshape(-1, 3).mean(axis=0))
+    np.testing.assert_allclose(means.means()["b"], counted.reshape(-1, 6).mean(axis=0))

@@ -159,7 +159,16 @@ def _rebatched(batches, size):
     return [[a[start : start + size] for a in arrays] for start in range(0, total, size)]
 
 
-def empirical_corrections(graph, plan, model, quantized_layers, batches, progress=None):
+def correction_inputs(plan):
+    """`{input key: channel ndim}` of the layers empirical correction measures (`ChannelMeans`' keys)."""
+    return {
+        layer_plan.input_key: linear_type(layer_plan.layer).input_channel_ndim(layer_plan.layer)
+        for layer_plan in plan.layers.values()
+        if _channels_last(layer_plan.layer)
+    }
+
+
+def empirical_corrections(graph, plan, model, quantized_layers, batches, progress=None, float_means=None):
     """Empirical corrections on calibration batches, in one pass of the quantized model.
 
     The quantized model runs operation by operation on all `batches` at
@@ -179,6 +188,9 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
         quantized_layers: `id(original layer)` -> its PowerQuant layer in `model`.
         batches: a list of flat input lists.
         progress: optional `progress(done, total)` over corrected layers.
+        float_means: optional `{input key: mean}` of the float model on
+            `batches` (`ChannelMeans.means()` of the calibration pass, keys
+            from `correction_inputs`); measured here when None.
 
     Returns:
         A dict `id(original layer)` -> `BiasCorrection` (already applied).
@@ -199,9 +211,12 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
     # Means per input channel of the kernel: over several trailing axes for a flattened einsum.
     layers = [plan.layers[key].layer for key in layer_keys]
     channel_ndims = dict(zip(layer_keys, (linear_type(layer).input_channel_ndim(layer) for layer in layers)))
-    float_means = dict(
-        zip(layer_keys, _input_means(_summing(float_inputs, list(channel_ndims.values())), batches))
-    )
+    if float_means is None:
+        float_means = dict(
+            zip(layer_keys, _input_means(_summing(float_inputs, list(channel_ndims.values())), batches))
+        )
+    else:
+        float_means = {key: float_means[plan.layers[key].input_key] for key in layer_keys}
     by_quantized_layer = {id(quantized_layers[key]): key for key in layer_keys}
     quantized_graph = FlatGraph(model)
     last_use = {}
