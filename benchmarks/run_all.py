@@ -24,6 +24,7 @@ import time
 import accuracy
 import activation_ops
 import applications
+import calibration_time
 import clip_norm
 import common
 import conversion_time
@@ -59,6 +60,7 @@ STANDALONE = {
     "refinement": refinement,
     "refinement_memory": refinement_memory,
     "applications": applications,
+    "calibration_time": calibration_time,
 }
 
 

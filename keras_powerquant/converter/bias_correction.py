@@ -16,7 +16,8 @@ included), measured on the calibration data.
 Both need only per-channel input means (see
 `keras_powerquant.quantization.bias_correction` for the padding model), so
 memory stays bounded: running sums per channel, and a bounded cache of
-calibration batches that the layer-by-layer passes reuse.
+calibration batches that one pass of the quantized model runs on, operation
+by operation, correcting each layer as it is reached.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant.converter.graph import FlatGraph
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.bias_correction import bias_shift
 from keras_powerquant.quantization.bias_correction import effective_kernel
@@ -157,35 +159,38 @@ def _rebatched(batches, size):
     return [[a[start : start + size] for a in arrays] for start in range(0, total, size)]
 
 
-def _waves(graph, plan):
-    """Quantized layers grouped so that each group depends only on earlier groups."""
-    depth = {key: 0 for key in graph.input_keys}
-    waves = {}
-    for op in graph.ops:
-        level = max((depth.get(k, 0) for k in op.input_keys), default=0)
-        if id(op.layer) in plan.layers:
-            waves.setdefault(level, []).append(id(op.layer))
-            level += 1
-        for key in op.output_keys:
-            depth[key] = level
-    return [waves[level] for level in sorted(waves)]
+def correction_inputs(plan):
+    """`{input key: channel ndim}` of the layers empirical correction measures (`ChannelMeans`' keys)."""
+    return {
+        layer_plan.input_key: linear_type(layer_plan.layer).input_channel_ndim(layer_plan.layer)
+        for layer_plan in plan.layers.values()
+        if _channels_last(layer_plan.layer)
+    }
 
 
-def empirical_corrections(graph, plan, model, quantized_layers, batches, progress=None):
-    """Empirical corrections on calibration batches, applied wave by wave.
+def empirical_corrections(graph, plan, model, quantized_layers, batches, progress=None, float_means=None):
+    """Empirical corrections on calibration batches, in one pass of the quantized model.
 
-    Layers are grouped in waves that depend only on earlier waves; each
-    wave's biases are corrected in `model` before the next wave's inputs
-    are measured, so every layer sees the corrected upstream model. A pass
-    costs one forward run of the model over `batches`.
+    The quantized model runs operation by operation on all `batches` at
+    once (in chunks of `_PASS_BATCH_SIZE`); when a quantized layer is
+    reached, every layer upstream of it is already corrected, so its input
+    mean is that of the corrected upstream model: its shift is computed and
+    applied before it runs. This is the correction of one pass per wave of
+    layers that depend only on earlier waves, at the cost of one pass (a
+    deep network has as many waves as quantized layers in a chain). Memory
+    is that of the tensors live at one point of the graph for all the
+    samples of `batches` (which `convert` bounds, `BIAS_CORRECTION_SAMPLES`).
 
     Args:
         graph: the original model's `FlatGraph`.
         plan: the `ConversionPlan`, fitted.
         model: the built quantized model (its biases are updated in place).
         quantized_layers: `id(original layer)` -> its PowerQuant layer in `model`.
-        batches: a list of flat input lists (reused by every pass).
-        progress: optional `progress(done, total)` over waves.
+        batches: a list of flat input lists.
+        progress: optional `progress(done, total)` over corrected layers.
+        float_means: optional `{input key: mean}` of the float model on
+            `batches` (`ChannelMeans.means()` of the calibration pass, keys
+            from `correction_inputs`); measured here when None.
 
     Returns:
         A dict `id(original layer)` -> `BiasCorrection` (already applied).
@@ -207,19 +212,44 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
 
     # Means per input channel of the kernel: over several trailing axes for a flattened einsum.
     layers = [plan.layers[key].layer for key in layer_keys]
-    channel_ndims = [linear_type(layer).input_channel_ndim(layer) for layer in layers]
-    float_means = dict(zip(layer_keys, _input_means(_summing(float_inputs, channel_ndims), batches)))
-    probe = keras.Model(model.inputs, [quantized_layers[key].input for key in layer_keys])
-    probe_sums = _summing(lambda inputs: probe(inputs, training=False), channel_ndims)
-    waves = [[key for key in wave if key in float_means] for wave in _waves(graph, plan)]
-    for done, wave in enumerate(waves, start=1):
-        quantized_means = dict(zip(layer_keys, _input_means(probe_sums, batches)))
-        for key in wave:
-            shift = _shift(plan.layers[key], quantized_layers[key], float_means[key], quantized_means[key])
+    channel_ndims = dict(zip(layer_keys, (linear_type(layer).input_channel_ndim(layer) for layer in layers)))
+    if float_means is None:
+        float_means = dict(
+            zip(layer_keys, _input_means(_summing(float_inputs, list(channel_ndims.values())), batches))
+        )
+    else:
+        float_means = {key: float_means[plan.layers[key].input_key] for key in layer_keys}
+    by_quantized_layer = {id(quantized_layers[key]): key for key in layer_keys}
+    quantized_graph = FlatGraph(model)
+    last_use = {}
+    for op in quantized_graph.ops:
+        for key in op.input_keys:
+            last_use[key] = op.index
+    values = {key: [batch[i] for batch in batches] for i, key in enumerate(quantized_graph.input_keys)}
+    values = {key: [tf.convert_to_tensor(a) for a in chunks] for key, chunks in values.items()}
+    done = 0
+    for op in quantized_graph.ops:
+        key = by_quantized_layer.get(id(op.layer)) if op.is_layer else None
+        if key is not None and key not in corrections:
+            chunks = values[op.input_key]
+            sums = [_channel_sums(chunk, channel_ndims[key]) for chunk in chunks]
+            total = sum(s[0].numpy() for s in sums)
+            count = sum(int(s[1]) for s in sums)
+            shift = _shift(plan.layers[key], quantized_layers[key], float_means[key], total / count)
             corrections[key] = BiasCorrection("empirical", shift)
-        apply_corrections(quantized_layers, {key: corrections[key] for key in wave})
-        if progress is not None:
-            progress(done, len(waves))
+            apply_corrections(quantized_layers, {key: corrections[key]})
+            done += 1
+            if progress is not None:
+                progress(done, len(layer_keys))
+        outputs = []
+        for i in range(len(batches)):
+            args, kwargs = op.call_arguments({k: values[k][i] for k in op.input_keys})
+            outputs.append(keras.tree.flatten(op.run(args, kwargs, training=False)))
+        for j, out_key in enumerate(op.output_keys):
+            values[out_key] = [chunk_outputs[j] for chunk_outputs in outputs]
+        for in_key in op.input_keys:
+            if last_use.get(in_key) == op.index and in_key not in quantized_graph.output_keys:
+                values.pop(in_key, None)
     return corrections
 
 

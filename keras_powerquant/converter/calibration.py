@@ -36,6 +36,15 @@ class ReservoirSampler:
             # Only values below the current largest kept priority can enter.
             keep = priorities < self._priorities.max()
             chunk, priorities = chunk[keep], priorities[keep]
+        elif chunk.size > 4 * self.capacity:
+            # A chunk much larger than the sample (the first 224x224
+            # activation maps): of its uniform priorities, about 2 capacity
+            # lie below 2 capacity / size. When at least `capacity` do, the
+            # `capacity` smallest overall are among them, so the partition
+            # below runs on those alone and keeps the same set as on all.
+            keep = priorities < np.float32(2.0 * self.capacity / chunk.size)
+            if np.count_nonzero(keep) >= self.capacity:
+                chunk, priorities = chunk[keep], priorities[keep]
         values = np.concatenate([self._values, chunk])
         priorities = np.concatenate([self._priorities, priorities])
         if values.size > self.capacity:
@@ -184,6 +193,32 @@ def calibration_batches(data, input_tensors, batch_size=DEFAULT_CALIBRATION_BATC
         )
 
 
+def count_batches(data, input_tensors, batch_size=DEFAULT_CALIBRATION_BATCH_SIZE, max_batches=None):
+    """How many batches `calibration_batches` will yield, or None when it cannot be known beforehand.
+
+    Known for in-memory arrays, sized sequences of batches and
+    `tf.data.Dataset`s of finite cardinality; not for generators. Reads no
+    data and raises nothing: `calibration_batches` validates.
+    """
+    count = None
+    inputs = _inputs_part(data, len(input_tensors))
+    values = inputs.values() if isinstance(inputs, dict) else [inputs] if _is_array(inputs) else inputs
+    if inputs is not None and values and all(_is_array(v) for v in values):
+        first = next(iter(values))
+        if getattr(first, "shape", None) is not None and len(first.shape) and first.shape[0] is not None:
+            count = -(-int(first.shape[0]) // batch_size)
+    elif isinstance(data, tuple):
+        count = 1
+    elif isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        count = cardinality if cardinality >= 0 else None
+    elif isinstance(data, collections.abc.Sized) and not isinstance(data, (str, bytes)):
+        count = len(data)
+    if max_batches is not None:
+        count = max_batches if count is None else min(count, max_batches)
+    return count
+
+
 def _flat_batches(data, input_tensors, batch_size):
     """Batches of `data` as flat lists of arrays in model input order."""
     inputs = _inputs_part(data, len(input_tensors))
@@ -217,7 +252,47 @@ def _flat_batches(data, input_tensors, batch_size):
         yield _flat_inputs(item, input_tensors)
 
 
-def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None):
+class ChannelMeans:
+    """Per-channel means of tensors over the first samples of a pass, in float64.
+
+    Fed by `record_samples` from the pass that samples activations, so that
+    empirical bias correction needs no float pass of its own. A batch
+    counts while fewer than `max_samples` samples were counted before it
+    (the batches `convert` keeps for the correction).
+
+    Args:
+        channel_ndims: tensor key -> how many trailing axes are its channels.
+        max_samples: samples after which batches no longer count.
+    """
+
+    def __init__(self, channel_ndims, max_samples):
+        self.channel_ndims = dict(channel_ndims)
+        self.max_samples = int(max_samples)
+        self.samples = 0
+        self._sums = {key: None for key in self.channel_ndims}
+        self._counts = {key: 0 for key in self.channel_ndims}
+
+    @property
+    def wants_more(self):
+        return self.samples < self.max_samples
+
+    def add(self, tensors, batch_size):
+        """Adds a batch: `tensors[key]` for every key, `batch_size` samples."""
+        for key, ndim in self.channel_ndims.items():
+            value = np.asarray(tensors[key])
+            channels = int(np.prod(value.shape[value.ndim - ndim :]))
+            flat = value.reshape(-1, channels)
+            sums = np.sum(flat, axis=0, dtype=np.float64)
+            self._sums[key] = sums if self._sums[key] is None else self._sums[key] + sums
+            self._counts[key] += flat.shape[0]
+        self.samples += int(batch_size)
+
+    def means(self):
+        """tensor key -> float64 `(channels,)` mean."""
+        return {key: self._sums[key] / self._counts[key] for key in self.channel_ndims}
+
+
+def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None, channel_means=None):
     """Runs the float model on calibration batches and samples the given tensors.
 
     Args:
@@ -226,20 +301,24 @@ def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, pr
         keys: tensor keys to sample.
         capacity: values kept per tensor.
         progress: optional `progress(done_batches)` callback.
+        channel_means: optional `ChannelMeans`, fed in the same pass.
 
     Returns:
         A dict from key to a 1-D float32 array of sampled values.
     """
     keys = list(dict.fromkeys(keys))
     samplers = {key: ReservoirSampler(capacity, seed=i) for i, key in enumerate(keys)}
-    wanted = set(keys)
+    wanted = set(keys) | set(channel_means.channel_ndims if channel_means is not None else ())
     for done, batch in enumerate(batches, start=1):
         inputs = [keras.ops.convert_to_tensor(a) for a in batch]
         _, kept = graph.evaluate(
             inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=wanted
         )
+        kept = {key: keras.ops.convert_to_numpy(value) for key, value in kept.items() if key in wanted}
         for key in keys:
-            samplers[key].add(keras.ops.convert_to_numpy(kept[key]))
+            samplers[key].add(kept[key])
+        if channel_means is not None and channel_means.wants_more:
+            channel_means.add(kept, len(batch[0]))
         if progress is not None:
             progress(done)
     return {key: sampler.values for key, sampler in samplers.items()}

@@ -17,10 +17,13 @@ from keras_powerquant.config import resolve_config
 from keras_powerquant.converter import nested
 from keras_powerquant.converter.bias_correction import analytic_corrections
 from keras_powerquant.converter.bias_correction import apply_corrections
+from keras_powerquant.converter.bias_correction import correction_inputs
 from keras_powerquant.converter.bias_correction import empirical_corrections
 from keras_powerquant.converter.bias_correction import refined_corrections
 from keras_powerquant.converter.builder import ModelBuilder
 from keras_powerquant.converter.calibration import calibration_batches
+from keras_powerquant.converter.calibration import ChannelMeans
+from keras_powerquant.converter.calibration import count_batches
 from keras_powerquant.converter.calibration import record_samples
 from keras_powerquant.converter.folding import fold_records
 from keras_powerquant.converter.folding import plan_folds
@@ -237,7 +240,7 @@ def convert(
 
     mark = time.perf_counter()
     stats = propagate_statistics(graph, folds) if calibration_data is None or correction == "analytic" else None
-    kept_batches = []
+    kept_batches, float_means = [], None
     if calibration_data is None:
         samples, rules = _data_free_samples(plan, stats)
         nested_samplers = nested.data_free_samples(nested_plan, graph, stats)
@@ -247,16 +250,21 @@ def convert(
         )
         if correction == "empirical":
             batches = _keeping(batches, kept_batches, BIAS_CORRECTION_SAMPLES)
+            # The float means of the kept batches, measured in this pass.
+            float_means = ChannelMeans(correction_inputs(plan), BIAS_CORRECTION_SAMPLES)
         if config.refining:
             batches = reservoir.watch(batches)
         calibrate = report_progress("calibration")
+        total_batches = count_batches(
+            calibration_data, graph.input_tensors, config.calibration_batch_size, config.calibration_steps
+        )
         with nested.recording(nested_plan) as nested_samplers:
             samples = record_samples(
-                graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, config.calibration_steps)
+                graph, batches, list(plan.quantizers), progress=lambda done: calibrate(done, total_batches),
+                channel_means=float_means,
             )
         for kernel in nested_plan.kernels:
             kernel.rule = "calibration"
-
         rules = {key: "calibration" for key in plan.quantizers}
     seconds["statistics"] = time.perf_counter() - mark
 
@@ -308,7 +316,7 @@ def convert(
     elif correction == "empirical":
         corrections = empirical_corrections(
             graph, plan, quantized_model, builder.quantized_layers, kept_batches,
-            progress=report_progress("bias correction"),
+            progress=report_progress("bias correction"), float_means=float_means.means(),
         )
     seconds["bias_correction"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
