@@ -30,9 +30,9 @@ _PLAIN_API = {"ConversionConfig": "keras_powerquant.config"}
 # Public names that need Keras, and the module that defines each.
 _KERAS_API = {
     "PowerQuantExport": "keras_powerquant.callbacks",
-    "convert": "keras_powerquant.converter",
-    "fold_batch_norms": "keras_powerquant.converter",
-    "inspect_model": "keras_powerquant.converter",
+    "convert": "keras_powerquant.pipeline",
+    "fold_batch_norms": "keras_powerquant.pipeline",
+    "inspect_model": "keras_powerquant.pipeline",
     "export_model": "keras_powerquant.export",
     "PowerQuantActivation": "keras_powerquant.layers",
     "PowerQuantConv1D": "keras_powerquant.layers",
@@ -50,7 +50,8 @@ _KERAS_API = {
 }
 # Subpackages reachable as attributes (`keras_powerquant.layers`), imported on first use.
 _SUBMODULES = (
-    "callbacks", "config", "converter", "evaluation", "export", "layers", "loading", "quantization", "synthesis"
+    "callbacks", "config", "converter", "evaluation", "export", "layers", "loading", "pipeline", "quantization",
+    "synthesis",
 )
 
 

@@ -7,11 +7,11 @@ import keras
 import numpy as np
 
 from keras_powerquant.config import resolve_config
-from keras_powerquant.converter import convert
-from keras_powerquant.converter.convert import check_inputs
 from keras_powerquant.export import DECODE_WEIGHTS
 from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
+from keras_powerquant.pipeline import check_inputs
+from keras_powerquant.pipeline import convert
 from keras_powerquant.synthesis import SyntheticData
 from keras_powerquant.warmup import check_warmup_count
 

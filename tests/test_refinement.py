@@ -110,11 +110,11 @@ def test_cached_kernels_follow_every_setting_change(resnet):
     # recomputes when the layer's settings change: it must never be stale.
     from keras_powerquant.converter.calibration import calibration_batches
     from keras_powerquant.converter.calibration import record_samples
-    from keras_powerquant.converter.convert import _fit_activations
-    from keras_powerquant.converter.convert import _fit_weights
     from keras_powerquant.converter.folding import plan_folds
     from keras_powerquant.converter.graph import FlatGraph
     from keras_powerquant.converter.plan import plan_conversion
+    from keras_powerquant.pipeline.fitting import _fit_activations
+    from keras_powerquant.pipeline.fitting import _fit_weights
     from keras_powerquant.refinement.objective import NetworkObjective
 
     model, x, _ = resnet

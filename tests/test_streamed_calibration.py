@@ -19,7 +19,7 @@ from keras_powerquant.converter.registry import linear_type
 from tests import models
 
 # The module: the package exports the function `convert` under the same name.
-convert_module = importlib.import_module("keras_powerquant.converter.convert")
+correction_stage = importlib.import_module("keras_powerquant.pipeline.correction")
 
 
 def _waves(graph, plan):
@@ -65,7 +65,7 @@ def test_one_pass_bias_correction_equals_the_pass_per_wave(name, monkeypatch):
     """Same shifts (to float32 summation order) and same outputs as one pass per wave."""
     model = models.build(name)
     data = models.reference_inputs(model, n=160)
-    monkeypatch.setattr(convert_module, "empirical_corrections", _wave_corrections)
+    monkeypatch.setattr(correction_stage, "empirical_corrections", _wave_corrections)
     reference, reference_report = kpq.convert(model, 4, 4, calibration_data=data)
     monkeypatch.undo()
     quantized, report = kpq.convert(model, 4, 4, calibration_data=data)

@@ -1,5 +1,5 @@
-"""Model conversion: graph analysis, BatchNorm folding, fitting, rebuilding."""
+"""The model-level parts every conversion stage uses: graph, registry, folding, plan, builder.
 
-from keras_powerquant.converter.convert import convert
-from keras_powerquant.converter.convert import fold_batch_norms
-from keras_powerquant.converter.convert import inspect_model
+Nothing here imports the stages above it (`keras_powerquant.pipeline`,
+`refinement`, `synthesis`): they import these.
+"""

@@ -33,7 +33,7 @@ import numpy as np
 
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.calibration import ReservoirSampler
-from keras_powerquant.converter.plan import _positions
+from keras_powerquant.converter.plan import assign_positions
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.converter.statistics import DATA_FREE_TAIL_DOF
 from keras_powerquant.layers import PowerQuantActivation
@@ -199,7 +199,7 @@ def _reposition(plan, graph, owners, wbits, abits, quantize_first_last):
     """Redoes `plan`'s first/last positions counting the outer layers of quantized nested layers."""
     candidates = {layer_plan.op: {} for layer_plan in plan.layers.values()}
     candidates.update({op: {} for op in graph.ops if id(op.layer) in owners})
-    _positions(graph, candidates)
+    assign_positions(graph, candidates)
     for layer_plan in plan.layers.values():
         where = candidates[layer_plan.op]
         position = "+".join(p for p in ("first", "last") if where[p]) or None

@@ -189,7 +189,7 @@ def _nonnegative_rescaling(layer):
     return bool(np.all(np.asarray(layer.scale) >= 0) and np.all(np.asarray(layer.offset) >= 0))
 
 
-def _positions(graph, quantized_ops):
+def assign_positions(graph, quantized_ops):
     """'first' / 'last' for quantized ops with no quantized op before / after them."""
     upstream, downstream = {}, {}
     for op in graph.ops:
@@ -239,7 +239,7 @@ def plan_conversion(graph, folds, wbits, abits, quantize_first_last=False, first
             candidates[op] = {}
         elif graph.calls(op.layer)[0] is op:
             float_layers.append((op.layer, reason))
-    _positions(graph, candidates)
+    assign_positions(graph, candidates)
     nonnegative = _nonnegative_keys(graph)
 
     layers, quantizers = {}, {}

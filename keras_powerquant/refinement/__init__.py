@@ -40,17 +40,7 @@ STEPS = {
     "rounding": rounding_step,
 }
 
-__all__ = ["check_calibration_labels", "InputReservoir", "Refinement", "refine_plan", "size_budget", "weight_bytes"]
-
-
-def check_calibration_labels(calibration_labels, calibration_data):
-    """Raises ValueError unless the labels are integer classes, one per in-memory calibration sample."""
-    count = check_labels(calibration_labels).shape[0]
-    size = in_memory_size(calibration_data)
-    if size is not None and size != count:
-        raise ValueError(
-            f"`calibration_labels` has {count} labels for {size} calibration samples: give one per sample."
-        )
+__all__ = ["InputReservoir", "Refinement", "refine_plan", "size_budget", "weight_bytes"]
 
 
 def size_budget(plan, float_bytes, target_size, mean_bits, per_channel):
