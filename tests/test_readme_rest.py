@@ -1,10 +1,10 @@
-"""README's TF Serving REST example is exact for the exports kpq writes.
+"""The TF Serving REST example of the usage guide (docs/usage.md) is exact for the exports kpq writes.
 
 No TF Serving runs here (no Docker engine on the development machines): a
 local HTTP server answers `POST /v1/models/<name>:predict` in TF Serving's
 columnar JSON format (tensorflow_serving/g3doc/api_rest.md) by feeding the
 request to the real export's `serving_default` signature, and refuses input
-keys that are not the signature's, as TF Serving does. The README's Python
+keys that are not the signature's, as TF Serving does. The guide's Python
 example then runs as written, with only its host and data file replaced.
 """
 
@@ -23,7 +23,7 @@ import keras_powerquant as kpq
 from keras_powerquant.export import export_model
 from tests import models
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+USAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "usage.md"
 _PREDICT_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/\d+)?:predict$")
 
 
@@ -89,8 +89,8 @@ def _serving(signatures):
 
 
 def _readme_rest_example():
-    """The README's Python REST example and the model name its docker command serves."""
-    text = README.read_text(encoding="utf-8")
+    """The usage guide's Python REST example and the model name its docker command serves."""
+    text = USAGE.read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     (code,) = [block for block in blocks if ":predict" in block]
     (model_name,) = re.findall(r"MODEL_NAME=(\w+)", text)
@@ -107,7 +107,7 @@ def test_readme_rest_example_runs_against_a_real_export(resnet8_model, cifar_tes
     try:
         assert "http://localhost:8501" in code
         monkeypatch.chdir(tmp_path)  # the example reads "test.npz"
-        exec(code.replace("http://localhost:8501", server.url), {})  # noqa: S102 - the README's own code
+        exec(code.replace("http://localhost:8501", server.url), {})  # noqa: S102 - the guide's own code
     finally:
         server.shutdown()
     printed = ast.literal_eval(capsys.readouterr().out.strip())
