@@ -1,8 +1,10 @@
 """Calibration in bounded passes over the data (issue 19): equal results, fewer passes.
 
-The reference here is the empirical bias correction as it was before it ran
-in one pass: one quantized-model pass per wave of layers that depend only on
-earlier waves. The one-pass correction must give the same shifts.
+The reference for the empirical bias correction is its definition run the
+slow way: one full quantized-model pass per wave of layers that depend only
+on earlier waves. The one-pass correction must give the same shifts, and
+they must be exact: after correction every layer's mean output equals the
+float model's, zero padding at the borders included.
 """
 
 import importlib
@@ -35,8 +37,19 @@ def _waves(graph, plan):
     return [waves[level] for level in sorted(waves)]
 
 
-def _wave_corrections(graph, plan, model, quantized_layers, batches, progress=None, float_means=None):
-    """The former `empirical_corrections`: one quantized pass per wave."""
+def _mean_inputs(compute, batches):
+    """Per-position means over all batches of the tensors `compute(inputs)` returns."""
+    totals, count = None, 0
+    for batch in batches:
+        outputs = [np.asarray(t, np.float64) for t in compute([tf.convert_to_tensor(a) for a in batch])]
+        sums = [o.sum(axis=0) for o in outputs]
+        totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
+        count += len(batch[0])
+    return [t / count for t in totals]
+
+
+def _wave_corrections(graph, plan, model, quantized_layers, batches, float_means, progress=None):
+    """The one-pass correction's definition: one full quantized pass per wave of layers."""
     batches = bc._rebatched(batches, bc._PASS_BATCH_SIZE)
     layer_keys = list(plan.layers)
     input_keys = [plan.layers[key].input_key for key in layer_keys]
@@ -45,16 +58,18 @@ def _wave_corrections(graph, plan, model, quantized_layers, batches, progress=No
         _, kept = graph.evaluate(inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=set(input_keys))
         return [kept[key] for key in input_keys]
 
-    layers = [plan.layers[key].layer for key in layer_keys]
-    ndims = [linear_type(layer).input_channel_ndim(layer) for layer in layers]
-    float_means = dict(zip(layer_keys, bc._input_means(bc._summing(float_inputs, ndims), batches)))
+    float_inputs_means = dict(zip(layer_keys, _mean_inputs(float_inputs, batches)))
     probe = keras.Model(model.inputs, [quantized_layers[key].input for key in layer_keys])
-    probe_sums = bc._summing(lambda inputs: probe(inputs, training=False), ndims)
     corrections = {}
     for wave in _waves(graph, plan):
-        quantized_means = dict(zip(layer_keys, bc._input_means(probe_sums, batches)))
+        quantized_means = dict(zip(layer_keys, _mean_inputs(lambda inputs: probe(inputs, training=False), batches)))
         for key in wave:
-            shift = bc._shift(plan.layers[key], quantized_layers[key], float_means[key], quantized_means[key])
+            layer_plan = plan.layers[key]
+            response = bc._LinearResponse(layer_plan.layer)
+            dequantized = linear_type(layer_plan.layer).converter_kernel(
+                layer_plan.layer, quantized_layers[key].dequantized_kernel().numpy()
+            )
+            shift = response(dequantized, quantized_means[key]) - response(layer_plan.kernel, float_inputs_means[key])
             corrections[key] = bc.BiasCorrection("empirical", shift)
         bc.apply_corrections(quantized_layers, {key: corrections[key] for key in wave})
     return corrections
@@ -186,13 +201,49 @@ def test_calibrated_conversion_runs_the_float_model_once_per_batch(monkeypatch):
     assert calls == [32, 32, 32]
 
 
-def test_channel_means_count_only_the_first_samples():
-    means = calibration.ChannelMeans({"a": 1, "b": 2}, max_samples=5)
+def test_input_means_count_only_the_first_samples():
+    means = calibration.InputMeans(["a", "b"], max_samples=5)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((3, 4, 2, 3)) for _ in range(3)]
     for batch in batches:
         if means.wants_more:
-            means.add({"a": batch, "b": batch}, len(batch))
+            means.add({"a": batch, "b": 2 * batch}, len(batch))
     counted = np.concatenate(batches[:2])  # 3 + 3 >= 5: the third batch is not counted
-    np.testing.assert_allclose(means.means()["a"], counted.reshape(-1, 3).mean(axis=0))
-    np.testing.assert_allclose(means.means()["b"], counted.reshape(-1, 6).mean(axis=0))
+    np.testing.assert_allclose(means.means()["a"], counted.mean(axis=0))
+    np.testing.assert_allclose(means.means()["b"], 2 * counted.mean(axis=0))
+
+
+def _border_model():
+    """Convolutions with "same" padding and strides, a depthwise one and a Dense: no BatchNorm, linear outputs."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv_a")(inputs)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="depthwise")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 5, padding="same", name="conv_b")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="dense")(x))
+
+
+def test_measured_correction_restores_every_layers_mean_output_exactly():
+    """Inputs whose mean varies across the image (a ramp): a uniform-input-mean model of padding is wrong here."""
+    model = _border_model()
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.0, 3.0, 12, dtype=np.float32)[None, :, None, None]
+    data = (rng.standard_normal((64, 12, 12, 3)).astype(np.float32) + ramp)
+    names = ["conv_a", "depthwise", "conv_b", "dense"]
+    quantized, report = kpq.convert(model, 4, 4, calibration_data=data, quantize_first_last=True)
+    assert [report.layer(name).bias_correction for name in names] == ["empirical"] * 4
+    float_outputs = keras.Model(model.inputs, [model.get_layer(n).output for n in names])(data)
+    quantized_outputs = keras.Model(quantized.inputs, [quantized.get_layer(n).output for n in names])(data)
+    uncorrected, _ = kpq.convert(model, 4, 4, calibration_data=data, quantize_first_last=True, bias_correction=False)
+    uncorrected_outputs = keras.Model(uncorrected.inputs, [uncorrected.get_layer(n).output for n in names])(data)
+    for name, y, y_hat, y_raw in zip(names, float_outputs, quantized_outputs, uncorrected_outputs):
+        axes = tuple(range(len(y.shape) - 1))
+        mean = np.mean(y, axis=axes)
+        tolerance = 1e-4 * float(np.std(y))
+        np.testing.assert_allclose(np.mean(y_hat, axis=axes), mean, atol=tolerance, err_msg=name)
+        # The correction had something to correct: without it the means are far off.
+        assert np.max(np.abs(np.mean(y_raw, axis=axes) - mean)) > 100 * tolerance, name

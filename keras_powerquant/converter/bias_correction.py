@@ -1,23 +1,28 @@
 """Bias correction stages of `convert` (docs/method.md §7), run on the built quantized model.
 
+Each quantized linear layer's bias loses the mean shift of its outputs,
+`shift = E[W_hat x_hat] - E[W x]` per output channel, that quantization
+(of its kernel, its input and every layer before it) brings.
+
+Measured (calibration data, real or synthetic): the output means
+themselves, on the calibration samples. A linear layer's mean output is the
+layer (no bias, no activation) applied to its mean input, taken per
+position (`InputMeans`), so the float model's means come from the
+calibration pass and the quantized model's from one pass of the quantized
+model, layer by layer in graph order so that each layer sees the inputs of a
+model whose earlier layers are already corrected. Exact, zero padding at
+the borders included; refinement's loss measures the same shifts
+(`refined_corrections`).
+
 Analytic (data-free): `shift = (W_hat - W) E[x]`, with `E[x]` per input
 channel from the propagated BatchNorm statistics (after a ReLU, the mean of
-the rectified Gaussian `E[relu(N(beta, gamma^2))]`). It corrects the
-kernel's own quantization error; the first layer, whose input (the network
-input) has no data-free statistics, is left as is.
+the rectified Gaussian `E[relu(N(beta, gamma^2))]`), the same at every
+position (`keras_powerquant.quantization.bias_correction`'s padding model).
+It corrects the kernel's own quantization error; the first layer, whose
+input (the network input) has no data-free statistics, is left as is.
 
-Empirical (calibration data, real or synthetic): `shift = E[W_hat x_hat] -
-E[W x]`, with `E[x]` from the float model and `E[x_hat]` from the quantized
-model, layer by layer in graph order so each layer sees inputs of a model
-whose earlier layers are already corrected. It corrects the kernel's error
-and the mean shift arriving from upstream (activation quantization
-included), measured on the calibration data.
-
-Both need only per-channel input means (see
-`keras_powerquant.quantization.bias_correction` for the padding model), so
-memory stays bounded: running sums per channel, and a bounded cache of
-calibration batches that one pass of the quantized model runs on, operation
-by operation, correcting each layer as it is reached.
+Memory stays bounded: one sample's worth of mean per corrected layer input,
+and a bounded cache of calibration batches for the quantized pass.
 """
 
 import dataclasses
@@ -118,38 +123,29 @@ def analytic_corrections(plan, stats, quantized_layers):
     return corrections
 
 
-def _channel_sums(tensor, channel_ndim):
-    """Per-channel sums over every axis but the `channel_ndim` last (flattened), float64 `(channels,)`."""
-    channels = tf.reduce_prod(tf.shape(tensor)[len(tensor.shape) - channel_ndim :])
-    flat = tf.reshape(tf.cast(tensor, tf.float64), [-1, channels])
-    return tf.reduce_sum(flat, axis=0), tf.shape(flat, out_type=tf.int64)[0]
+class _LinearResponse:
+    """The mean output, per output channel, of one layer's linear map for a given mean input.
 
-
-def _summing(compute, channel_ndims):
-    """A traced function: the per-channel sums of each tensor `compute(inputs)` returns.
-
-    `channel_ndims` gives, per tensor, how many trailing axes are its
-    channels. Traced once and reused by every pass: the model's variables
-    (the biases being corrected) are read at each call.
+    A copy of the float layer without bias and activation, whose kernel is
+    set for each call: `response(kernel, mean)` is the mean over positions
+    of `layer(mean)`, `kernel` in the converter's layout and `mean` of one
+    input sample's shape. Float64 `(channels,)` in the converter's output
+    channel order.
     """
-    return tf.function(
-        lambda inputs: [_channel_sums(t, n) for t, n in zip(keras.tree.flatten(compute(inputs)), channel_ndims)]
-    )
 
+    def __init__(self, layer):
+        self.entry = linear_type(layer)
+        self.layer = layer
+        self.linear = type(layer).from_config({**self.entry.linear_config(layer), "name": f"{layer.name}_linear"})
 
-def _input_means(function, batches):
-    """Per-channel means over all batches of the tensors a `_summing` function sums."""
-    sums, counts = None, None
-    for batch in batches:
-        results = function([tf.convert_to_tensor(a) for a in batch])
-        batch_sums = [r[0].numpy() for r in results]
-        batch_counts = [int(r[1]) for r in results]
-        if sums is None:
-            sums, counts = batch_sums, batch_counts
-        else:
-            sums = [a + b for a, b in zip(sums, batch_sums)]
-            counts = [a + b for a, b in zip(counts, batch_counts)]
-    return [total / count for total, count in zip(sums, counts)]
+    def __call__(self, kernel, mean):
+        inputs = tf.constant(np.asarray(mean, np.float32)[None])
+        if not self.linear.built:
+            self.linear.build(inputs.shape)
+        self.linear.set_weights([self.entry.keras_kernel(self.layer, np.asarray(kernel, np.float32))])
+        outputs = self.linear(inputs).numpy()
+        channels = self.entry.output_channels(kernel.shape)
+        return np.mean(np.reshape(outputs, (-1, channels)), axis=0, dtype=np.float64)
 
 
 def _rebatched(batches, size):
@@ -160,26 +156,22 @@ def _rebatched(batches, size):
 
 
 def correction_inputs(plan):
-    """`{input key: channel ndim}` of the layers empirical correction measures (`ChannelMeans`' keys)."""
-    return {
-        layer_plan.input_key: linear_type(layer_plan.layer).input_channel_ndim(layer_plan.layer)
-        for layer_plan in plan.layers.values()
-        if _channels_last(layer_plan.layer)
-    }
+    """The input keys of the layers empirical correction measures (`InputMeans`' keys)."""
+    return [layer_plan.input_key for layer_plan in plan.layers.values() if _channels_last(layer_plan.layer)]
 
 
-def empirical_corrections(graph, plan, model, quantized_layers, batches, progress=None, float_means=None):
-    """Empirical corrections on calibration batches, in one pass of the quantized model.
+def empirical_corrections(graph, plan, model, quantized_layers, batches, float_means, progress=None):
+    """Measured corrections on calibration batches, in one pass of the quantized model.
 
     The quantized model runs operation by operation on all `batches` at
     once (in chunks of `_PASS_BATCH_SIZE`); when a quantized layer is
-    reached, every layer upstream of it is already corrected, so its input
-    mean is that of the corrected upstream model: its shift is computed and
+    reached, every layer upstream of it is already corrected, so its mean
+    input is that of the corrected upstream model: its shift (its mean
+    output, less the float layer's on the float mean input) is computed and
     applied before it runs. This is the correction of one pass per wave of
-    layers that depend only on earlier waves, at the cost of one pass (a
-    deep network has as many waves as quantized layers in a chain). Memory
-    is that of the tensors live at one point of the graph for all the
-    samples of `batches` (which `convert` bounds, `BIAS_CORRECTION_SAMPLES`).
+    layers that depend only on earlier waves, at the cost of one pass.
+    Memory is that of the tensors live at one point of the graph for all
+    the samples of `batches` (which `convert` bounds, `BIAS_CORRECTION_SAMPLES`).
 
     Args:
         graph: the original model's `FlatGraph`.
@@ -187,10 +179,10 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
         model: the built quantized model (its biases are updated in place).
         quantized_layers: `id(original layer)` -> its PowerQuant layer in `model`.
         batches: a list of flat input lists.
+        float_means: `{input key: per-position mean}` of the float model on
+            `batches` (`InputMeans.means()` of the calibration pass, keys
+            from `correction_inputs`).
         progress: optional `progress(done, total)` over corrected layers.
-        float_means: optional `{input key: mean}` of the float model on
-            `batches` (`ChannelMeans.means()` of the calibration pass, keys
-            from `correction_inputs`); measured here when None.
 
     Returns:
         A dict `id(original layer)` -> `BiasCorrection` (already applied).
@@ -204,21 +196,6 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
     layer_keys = [key for key in plan.layers if key not in corrections]
     if not layer_keys:
         return corrections
-    input_keys = [plan.layers[key].input_key for key in layer_keys]
-
-    def float_inputs(inputs):
-        _, kept = graph.evaluate(inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=set(input_keys))
-        return [kept[key] for key in input_keys]
-
-    # Means per input channel of the kernel: over several trailing axes for a flattened einsum.
-    layers = [plan.layers[key].layer for key in layer_keys]
-    channel_ndims = dict(zip(layer_keys, (linear_type(layer).input_channel_ndim(layer) for layer in layers)))
-    if float_means is None:
-        float_means = dict(
-            zip(layer_keys, _input_means(_summing(float_inputs, list(channel_ndims.values())), batches))
-        )
-    else:
-        float_means = {key: float_means[plan.layers[key].input_key] for key in layer_keys}
     by_quantized_layer = {id(quantized_layers[key]): key for key in layer_keys}
     quantized_graph = FlatGraph(model)
     last_use = {}
@@ -231,11 +208,17 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, progres
     for op in quantized_graph.ops:
         key = by_quantized_layer.get(id(op.layer)) if op.is_layer else None
         if key is not None and key not in corrections:
+            layer_plan = plan.layers[key]
             chunks = values[op.input_key]
-            sums = [_channel_sums(chunk, channel_ndims[key]) for chunk in chunks]
-            total = sum(s[0].numpy() for s in sums)
-            count = sum(int(s[1]) for s in sums)
-            shift = _shift(plan.layers[key], quantized_layers[key], float_means[key], total / count)
+            total = sum(tf.reduce_sum(tf.cast(chunk, tf.float64), axis=0) for chunk in chunks)
+            quantized_mean = total.numpy() / sum(int(chunk.shape[0]) for chunk in chunks)
+            response = _LinearResponse(layer_plan.layer)
+            dequantized = linear_type(layer_plan.layer).converter_kernel(
+                layer_plan.layer, keras.ops.convert_to_numpy(quantized_layers[key].dequantized_kernel())
+            )
+            shift = response(dequantized, quantized_mean) - response(
+                layer_plan.kernel, float_means[layer_plan.input_key]
+            )
             corrections[key] = BiasCorrection("empirical", shift)
             apply_corrections(quantized_layers, {key: corrections[key]})
             done += 1
@@ -258,8 +241,7 @@ def refined_corrections(plan, shifts):
 
     Refinement measures each layer's output mean directly, on its
     subsample, with the corrections of the layers before it applied: the
-    same correction as `empirical_corrections` without its
-    uniform-input-mean model of padding.
+    same correction as `empirical_corrections`, on refinement's samples.
     """
     corrections = {}
     for key, layer_plan in plan.layers.items():

@@ -252,47 +252,45 @@ def _flat_batches(data, input_tensors, batch_size):
         yield _flat_inputs(item, input_tensors)
 
 
-class ChannelMeans:
-    """Per-channel means of tensors over the first samples of a pass, in float64.
+class InputMeans:
+    """Per-position means of tensors over the first samples of a pass, in float64.
 
-    Fed by `record_samples` from the pass that samples activations, so that
-    empirical bias correction needs no float pass of its own. A batch
-    counts while fewer than `max_samples` samples were counted before it
-    (the batches `convert` keeps for the correction).
+    A tensor's mean keeps every axis but the batch axis (one sample's
+    shape): through a linear layer it gives that layer's exact mean output,
+    zero padding at the borders included. Fed by `record_samples` from the
+    pass that samples activations, so that empirical bias correction needs
+    no float pass of its own. A batch counts while fewer than
+    `max_samples` samples were counted before it (the batches `convert`
+    keeps for the correction).
 
     Args:
-        channel_ndims: tensor key -> how many trailing axes are its channels.
+        keys: the tensor keys to average.
         max_samples: samples after which batches no longer count.
     """
 
-    def __init__(self, channel_ndims, max_samples):
-        self.channel_ndims = dict(channel_ndims)
+    def __init__(self, keys, max_samples):
+        self.keys = list(dict.fromkeys(keys))
         self.max_samples = int(max_samples)
         self.samples = 0
-        self._sums = {key: None for key in self.channel_ndims}
-        self._counts = {key: 0 for key in self.channel_ndims}
+        self._sums = dict.fromkeys(self.keys)
 
     @property
     def wants_more(self):
         return self.samples < self.max_samples
 
     def add(self, tensors, batch_size):
-        """Adds a batch: `tensors[key]` for every key, `batch_size` samples."""
-        for key, ndim in self.channel_ndims.items():
-            value = np.asarray(tensors[key])
-            channels = int(np.prod(value.shape[value.ndim - ndim :]))
-            flat = value.reshape(-1, channels)
-            sums = np.sum(flat, axis=0, dtype=np.float64)
+        """Adds a batch: `tensors[key]` for every key, `batch_size` samples each."""
+        for key in self.keys:
+            sums = np.sum(np.asarray(tensors[key]), axis=0, dtype=np.float64)
             self._sums[key] = sums if self._sums[key] is None else self._sums[key] + sums
-            self._counts[key] += flat.shape[0]
         self.samples += int(batch_size)
 
     def means(self):
-        """tensor key -> float64 `(channels,)` mean."""
-        return {key: self._sums[key] / self._counts[key] for key in self.channel_ndims}
+        """tensor key -> float64 mean, of one sample's shape."""
+        return {key: self._sums[key] / self.samples for key in self.keys}
 
 
-def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None, channel_means=None):
+def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None, input_means=None):
     """Runs the float model on calibration batches and samples the given tensors.
 
     Args:
@@ -301,14 +299,14 @@ def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, pr
         keys: tensor keys to sample.
         capacity: values kept per tensor.
         progress: optional `progress(done_batches)` callback.
-        channel_means: optional `ChannelMeans`, fed in the same pass.
+        input_means: optional `InputMeans`, fed in the same pass.
 
     Returns:
         A dict from key to a 1-D float32 array of sampled values.
     """
     keys = list(dict.fromkeys(keys))
     samplers = {key: ReservoirSampler(capacity, seed=i) for i, key in enumerate(keys)}
-    wanted = set(keys) | set(channel_means.channel_ndims if channel_means is not None else ())
+    wanted = set(keys) | set(input_means.keys if input_means is not None else ())
     for done, batch in enumerate(batches, start=1):
         inputs = [keras.ops.convert_to_tensor(a) for a in batch]
         _, kept = graph.evaluate(
@@ -317,8 +315,8 @@ def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, pr
         kept = {key: keras.ops.convert_to_numpy(value) for key, value in kept.items() if key in wanted}
         for key in keys:
             samplers[key].add(kept[key])
-        if channel_means is not None and channel_means.wants_more:
-            channel_means.add(kept, len(batch[0]))
+        if input_means is not None and input_means.wants_more:
+            input_means.add(kept, len(batch[0]))
         if progress is not None:
             progress(done)
     return {key: sampler.values for key, sampler in samplers.items()}

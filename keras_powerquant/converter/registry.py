@@ -292,6 +292,13 @@ class LinearLayerType:
             return {**config, "use_bias": True}
         return {**config, "bias_axes": _einsum_dense_letters(layer)[1]}
 
+    def linear_config(self, layer):
+        """The Keras layer's config with neither bias nor activation: its linear map alone."""
+        config = {**layer.get_config(), "activation": None}
+        if self.flattening is None:
+            return {**config, "use_bias": False}
+        return {**config, "bias_axes": None}
+
     def quantized_arguments(self, layer):
         """The layer-specific arguments of `quantized_class` (`arguments`, or the `config_keys` values)."""
         if self.arguments is not None:

@@ -21,7 +21,7 @@ def correct_bias(request, analysis, plan, statistics, built, refined=None):
     elif request.bias_correction == "empirical":
         return empirical_corrections(
             analysis.graph, plan, built.model, built.quantized_layers, statistics.kept_batches,
-            progress=request.reporter("bias correction"), float_means=statistics.float_means.means(),
+            statistics.float_means.means(), progress=request.reporter("bias correction"),
         )
     else:
         return {}

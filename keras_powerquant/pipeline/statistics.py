@@ -7,8 +7,8 @@ from typing import Optional
 from keras_powerquant.converter import nested
 from keras_powerquant.converter.bias_correction import correction_inputs
 from keras_powerquant.converter.calibration import calibration_batches
-from keras_powerquant.converter.calibration import ChannelMeans
 from keras_powerquant.converter.calibration import count_batches
+from keras_powerquant.converter.calibration import InputMeans
 from keras_powerquant.converter.calibration import record_samples
 from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.refinement import InputReservoir
@@ -31,8 +31,8 @@ class Statistics:
             for analytic bias correction; else None.
         kept_batches: the calibration batches empirical bias correction
             runs on (at most `BIAS_CORRECTION_SAMPLES` samples).
-        float_means: the float model's per-channel means of the corrected
-            layers' inputs on `kept_batches` (`ChannelMeans`), or None.
+        float_means: the float model's per-position means of the corrected
+            layers' inputs on `kept_batches` (`InputMeans`), or None.
         reservoir: refinement's subsample of the calibration inputs, or None.
     """
 
@@ -41,7 +41,7 @@ class Statistics:
     nested_samplers: Any
     propagated: Optional[dict] = None
     kept_batches: list = dataclasses.field(default_factory=list)
-    float_means: Optional[ChannelMeans] = None
+    float_means: Optional[InputMeans] = None
     reservoir: Optional[InputReservoir] = None
 
 
@@ -68,7 +68,7 @@ def gather_statistics(request, analysis, inputs):
     if correction == "empirical":
         batches = _keeping(batches, kept_batches, BIAS_CORRECTION_SAMPLES)
         # The float means of the kept batches, measured in this pass.
-        float_means = ChannelMeans(correction_inputs(plan), BIAS_CORRECTION_SAMPLES)
+        float_means = InputMeans(correction_inputs(plan), BIAS_CORRECTION_SAMPLES)
     if config.refining:
         reservoir = InputReservoir(config.refine_samples)
         batches = reservoir.watch(batches)
@@ -77,7 +77,7 @@ def gather_statistics(request, analysis, inputs):
     with nested.recording(analysis.nested_plan) as nested_samplers:
         samples = record_samples(
             graph, batches, list(plan.quantizers), progress=lambda done: report(done, total),
-            channel_means=float_means,
+            input_means=float_means,
         )
     for kernel in analysis.nested_plan.kernels:
         kernel.rule = "calibration"
