@@ -123,7 +123,7 @@ class PowerQuantEmbedding(QuantizedKernelLayer):
         return self.decoded_rows(inputs)
 
     def compute_mask(self, inputs, mask=None):
-        return tf.not_equal(inputs, 0) if self.mask_zero else None
+        return keras.ops.not_equal(inputs, 0) if self.mask_zero else None
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.output_dim,)

@@ -210,6 +210,11 @@ class PowerQuantRNN(keras.layers.RNN):
             cell.pop(key, None)
         return {**config, **cell}
 
+    @classmethod
+    def from_config(cls, config):
+        # Flat: the cell is rebuilt from its arguments (`keras.layers.RNN` deserializes a "cell" entry).
+        return cls(**config)
+
 
 @keras.saving.register_keras_serializable(package="keras_powerquant")
 class PowerQuantSimpleRNN(PowerQuantRNN):
