@@ -284,10 +284,14 @@ def recording(nested_plan):
 def data_free_samples(nested_plan, graph, stats):
     """Runs each outer layer on samples of its inputs' data-free statistics; returns the recorded samplers.
 
-    Sets `rule` (or `reason`) of each nested kernel.
+    Sets `rule` (or `reason`) of each nested kernel. A weight-only layer
+    (`registry.WeightOnlyLayerType`) needs no input statistics: it is not run.
     """
     by_owner = {}
     for kernel in nested_plan.kernels:
+        if weight_only_type(kernel.layer) is not None:
+            kernel.rule = "weight-only: its input stays float"
+            continue
         by_owner.setdefault(id(kernel.owner), []).append(kernel)
     with recording(nested_plan) as samplers:
         for kernels in by_owner.values():
