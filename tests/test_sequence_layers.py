@@ -127,18 +127,19 @@ def test_converted_recurrent_layer_is_the_float_layer_with_its_decoded_weights(
         np.testing.assert_array_equal(got.numpy(), expected.numpy())
 
 
-def test_depthwise_conv1d_converts_and_is_the_float_layer_with_its_decoded_kernel(tmp_path):
+@pytest.mark.parametrize("window", [{"strides": 2, "padding": "same"}, {"dilation_rate": 2, "padding": "valid"}])
+def test_depthwise_conv1d_converts_and_is_the_float_layer_with_its_decoded_kernel(window, tmp_path):
     keras.utils.set_random_seed(4)
     signal = keras.Input((16, 3))
     x = L.Conv1D(4, 3, padding="same", activation="relu")(signal)
-    x = L.DepthwiseConv1D(3, depth_multiplier=2, strides=2, padding="same", name="depthwise")(x)
+    x = L.DepthwiseConv1D(3, depth_multiplier=2, name="depthwise", **window)(x)
     model = keras.Model(signal, L.Dense(2)(L.GlobalAveragePooling1D()(x)))
     quantized, report = kpq.convert(model, 8, 8)
     layer = quantized.get_layer("depthwise")
     assert type(layer) is PowerQuantDepthwiseConv1D and report.layer("depthwise").status == "quantized"
     assert layer.kernel_scale.shape == (4, 2)
     data = np.random.default_rng(5).standard_normal((4, 16, 4)).astype("float32")
-    reference = L.DepthwiseConv1D(3, depth_multiplier=2, strides=2, padding="same")
+    reference = L.DepthwiseConv1D(3, depth_multiplier=2, **window)
     reference.build(data.shape)
     reference.set_weights([layer.dequantized_kernel().numpy(), layer.bias.numpy()])
     np.testing.assert_allclose(layer(data).numpy(), reference(data).numpy(), atol=FLOAT_TOLERANCE)

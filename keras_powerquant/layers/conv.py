@@ -255,7 +255,10 @@ class PowerQuantDepthwiseConv1D(PowerQuantBaseConv):
 
     The kernel has shape `(k, in_channels, depth_multiplier)`; output
     channel `i * depth_multiplier + j` uses slice `[:, i, j]` and has its
-    own scale. It runs as a depthwise 2-D convolution over a height of 1.
+    own scale. It runs as a depthwise 2-D convolution over a height of 1,
+    its stride and dilation repeated on that height (TensorFlow's plain CPU
+    kernel takes equal row and column strides; a kernel and input of height
+    1 give an output of height 1 whatever the stride).
     Arguments follow `keras.layers.DepthwiseConv1D`.
 
     Args:
@@ -285,9 +288,9 @@ class PowerQuantDepthwiseConv1D(PowerQuantBaseConv):
         outputs = tf.nn.depthwise_conv2d(
             tf.expand_dims(inputs, 1),
             kernel[None],
-            strides=(1, 1) + self.strides + (1,),
+            strides=(1,) + 2 * self.strides + (1,),
             padding=self._tf_padding(),
-            dilations=(1,) + self.dilation_rate,
+            dilations=2 * self.dilation_rate,
         )
         return tf.squeeze(outputs, 1)
 
