@@ -127,6 +127,26 @@ def test_converted_recurrent_layer_is_the_float_layer_with_its_decoded_weights(
         np.testing.assert_array_equal(got.numpy(), expected.numpy())
 
 
+def test_shared_embedding_and_bidirectional_lstm_convert_and_round_trip(tmp_path):
+    keras.utils.set_random_seed(12)
+    first, second = keras.Input((STEPS,), dtype="int32"), keras.Input((STEPS,), dtype="int32")
+    shared = L.Embedding(VOCAB, 8, name="shared")
+    x = L.Concatenate()([shared(first), shared(second)])
+    x = L.Bidirectional(L.LSTM(4), name="bidirectional")(x)
+    model = keras.Model([first, second], L.Dense(2)(x))
+    quantized, report = kpq.convert(model, 8, None)
+    assert report.kernel_counts()[1] == 0
+    assert {row.name for row in report.quantized_layers if row.nested_in == "bidirectional"} == {
+        "bidirectional/forward_lstm", "bidirectional/backward_lstm"
+    }
+    assert type(quantized.get_layer("shared")) is PowerQuantEmbedding
+    data = [token_ids(8, seed=13), token_ids(8, seed=14)]
+    expected, got = model(data).numpy(), quantized(data).numpy()
+    assert np.linalg.norm(got - expected) < 0.05 * np.linalg.norm(expected)
+    quantized.save(tmp_path / "bidirectional.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "bidirectional.keras")(data).numpy(), got)
+
+
 @pytest.mark.parametrize("window", [{"strides": 2, "padding": "same"}, {"dilation_rate": 2, "padding": "valid"}])
 def test_depthwise_conv1d_converts_and_is_the_float_layer_with_its_decoded_kernel(window, tmp_path):
     keras.utils.set_random_seed(4)
