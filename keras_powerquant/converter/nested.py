@@ -22,6 +22,12 @@ Statistics of a nested layer's input (docs/method.md, "Nested layers"):
 
 Nested layers are quantized at the requested bit widths: the first/last
 rule (`first_last_bits`) applies to the model graph's own layers.
+
+Weight-only layers (`registry.WEIGHT_ONLY_LAYER_TYPES`: Embedding,
+SimpleRNN, LSTM, GRU) are replaced here too, nested or not: one of the
+model graph is a `NestedKernel` of itself (`path == ()`, `in_graph`), built
+as its PowerQuant layer in the graph's place. Their inputs are never
+quantized, so they need no input samples.
 """
 
 import contextlib

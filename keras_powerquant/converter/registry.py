@@ -21,6 +21,10 @@ folding, statistics and bias correction):
 
 Exact types are matched (not subclasses): a subclass may override `call`,
 and then folding or replacing it would change what the model computes.
+
+Embedding and the recurrent layers are not linear layers of the graph
+rewrite: they are `WEIGHT_ONLY_LAYER_TYPES` (one `WeightOnlyLayerType`
+each, replaced whole by `converter.nested`, inputs float; docs/method.md §11).
 """
 
 import dataclasses
