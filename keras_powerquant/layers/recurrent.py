@@ -7,7 +7,8 @@ masking, `return_sequences`, `return_state`, `go_backwards`, `stateful` and
 as one stacked kernel `W = [K; R]` of shape `(input_dim + units, gates * units)`:
 int8 codes, one scale per column (gate unit) shared by its `K` and `R` rows,
 one exponent (see `QuantizedKernelLayer`). Each step computes with the
-decoded `K = W[:input_dim]` and `R = W[input_dim:]` as the Keras cell does.
+decoded `K = W[:input_dim]` and `R = W[input_dim:]` as the Keras cell does;
+the layer decodes `W` once per call (`sequence_kernels`), not once per step.
 
 Weight-only: the step's inputs and states stay float (a quantizer inside
 the recurrence would compound its error over the steps). The layers are
@@ -15,10 +16,26 @@ inference layers: a Keras cell's `dropout` and `recurrent_dropout` act only
 in training and are not kept.
 """
 
+import contextlib
+import contextvars
+
 import keras
 import tensorflow as tf
 
 from keras_powerquant.layers.quantized_kernel import QuantizedKernelLayer
+
+# id(cell) -> its decoded kernel, while its `PowerQuantRNN` runs a sequence.
+_SEQUENCE_KERNELS = contextvars.ContextVar("keras_powerquant_sequence_kernels", default=None)
+
+
+@contextlib.contextmanager
+def sequence_kernel(cell):
+    """Decodes `cell`'s kernel once; its steps read that kernel while active."""
+    token = _SEQUENCE_KERNELS.set({**(_SEQUENCE_KERNELS.get() or {}), id(cell): cell.call_kernel()})
+    try:
+        yield
+    finally:
+        _SEQUENCE_KERNELS.reset(token)
 
 
 class PowerQuantRecurrentCell(QuantizedKernelLayer):
@@ -46,7 +63,9 @@ class PowerQuantRecurrentCell(QuantizedKernelLayer):
         return (self.gates * self.units,)
 
     def call(self, inputs, states, training=False):
-        kernel = self.call_kernel()
+        kernel = (_SEQUENCE_KERNELS.get() or {}).get(id(self))
+        if kernel is None:  # a step called on its own, outside its layer's sequence
+            kernel = self.call_kernel()
         input_dim = self._kernel_shape[0] - self.units
         return self.step(inputs, states, kernel[:input_dim], kernel[input_dim:])
 
@@ -198,6 +217,10 @@ class PowerQuantRNN(keras.layers.RNN):
         base = {key: kwargs.pop(key) for key in base_keys if key in kwargs}
         cell = self.cell_class(units, dtype=base.get("dtype"), name=f"{base.get('name') or 'rnn'}_cell", **kwargs)
         super().__init__(cell, **rnn_options, **base)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        with sequence_kernel(self.cell):
+            return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
     def set_float_weights(self, kernel, bias=None, clip_fraction=1.0):
         """Quantizes the stacked float kernel `[K; R]` `(input_dim + units, gates * units)` into the built cell."""
