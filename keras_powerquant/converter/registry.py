@@ -376,8 +376,8 @@ class WeightOnlyLayerType:
     float_reason: Callable = lambda layer: None  # noqa: E731 - every instance is quantized
     to_quantized: Callable = lambda kernel: kernel  # noqa: E731 - the same layout
 
+    # The kernel of `weights` holds one scale channel per index of its last axis.
     channel_ndim = 1
-    layout = "dense"
 
     def quantized_arguments(self, layer):
         return self.arguments(layer)

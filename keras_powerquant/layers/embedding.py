@@ -61,7 +61,7 @@ class PowerQuantEmbedding(QuantizedKernelLayer):
         return (self.input_dim, self.output_dim)
 
     def build(self, input_shape=None):
-        self._kernel_shape = (self.input_dim, self.output_dim)
+        self._kernel_shape = self.kernel_shape(input_shape)
         self._kernel_size = self.input_dim * self.output_dim
         row_bytes = (self.output_dim + 1) // 2 if self.packed else self.output_dim
         self.kernel_codes = self.add_weight(
