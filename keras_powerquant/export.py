@@ -148,7 +148,7 @@ class _ServingModule(tf.Module):
         self.decoded_kernels = [
             DecodedKernel(layer)
             for layer in layers
-            if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer)
+            if decode_weights == "load" and isinstance(layer, QuantizedKernelLayer) and layer.decodes_at_load
         ]
         input_keys = signature_keys([t.name for t in model.inputs])
         output_keys = signature_keys(list(model.output_names))

@@ -347,8 +347,9 @@ def unsupported(seed=0, stats="data"):
     """Layers that must stay float, BatchNorms that must not fold, custom layers.
 
     - `sep` SeparableConv2D (split: `sep_bn` folds into `sep_pointwise`),
-    - `dw1d` DepthwiseConv1D after a Reshape (+ `dw1d_bn`, foldable; no
-      PowerQuant layer, so it stays float with its BatchNorm folded in),
+    - `dw1d` DepthwiseConv1D after a Reshape, computing in float16 (+
+      `dw1d_bn`, foldable; only float32 layers are converted, so it stays
+      float with its BatchNorm folded in),
     - `grouped` Conv2D(groups=2) (+ `grouped_bn`, foldable),
     - `bn_after_relu` follows an activation and precedes a 3x3 "same"
       convolution (folding it forward would be inexact at the borders),
@@ -374,7 +375,7 @@ def unsupported(seed=0, stats="data"):
     x = L.ReLU(name="branch_relu")(x)
     x = Shifted(0.25, name="shift")(x)
     x = L.Reshape((64, 8), name="to_1d")(x)
-    x = L.DepthwiseConv1D(3, padding="same", name="dw1d")(x)
+    x = L.DepthwiseConv1D(3, padding="same", name="dw1d", dtype="mixed_float16")(x)
     x = L.BatchNormalization(name="dw1d_bn")(x)
     x = L.ReLU(name="dw1d_relu")(x)
     x = L.GlobalAveragePooling1D(name="pool")(x)

@@ -6,6 +6,7 @@ each export with `tensorflow::LoadSavedModel`, tag "serve", and runs
 must match what the same SavedModel's signature gives in Python.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -149,4 +150,23 @@ def test_nested_layers_serve_in_the_cpp_loader(cpp_loader, tmp_path):
                                calibration_data=images(32, seed=13))
         assert any(row.nested_in for row in report.quantized_layers)
         exports.append((label, path, {"images": images(8, seed=14)}))
+    _check_served(exports, cpp_loader, tmp_path / "served")
+
+
+def test_sequence_models_serve_in_the_cpp_loader(cpp_loader, tmp_path):
+    """A BERT-style encoder (token and nested position Embeddings, W4/A8) and an Embedding+LSTM classifier,
+    kernels decoded at load and per call (an Embedding decodes its looked-up rows in both)."""
+    from tests.test_sequence_layers import converted_bert
+    from tests.test_sequence_layers import text_classifier
+    from tests.test_sequence_layers import token_ids
+
+    _, bert, _ = converted_bert()
+    classifier, _ = kpq.convert(text_classifier(keras.layers.LSTM), 4, None)
+    ids = token_ids(8, seed=12).astype("float32")
+    exports = []
+    for decode_weights in ("load", "call"):
+        for label, model, key in (("BERT encoder", bert, "tokens"), ("LSTM classifier", classifier, "ids")):
+            folder = tmp_path / f"{label.replace(' ', '_')}_{decode_weights}"
+            path = export_model(model, folder, 1, decode_weights=decode_weights).saved_model_dir
+            exports.append((f"{label}, decoded at {decode_weights}", path, {key: ids}))
     _check_served(exports, cpp_loader, tmp_path / "served")

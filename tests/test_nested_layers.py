@@ -208,15 +208,16 @@ def test_report_counts_kernel_values_and_warns_when_the_bits_reach_no_layer():
 
 @keras.saving.register_keras_serializable(package="kpq_tests")
 class Mixer(L.Layer):
-    """Dense layers in a dict, and an LSTM (no PowerQuant layer): the latter stays float with its reason."""
+    """Dense layers in a dict, an LSTM (weight-only) and a Conv1DTranspose (no PowerQuant layer: stays float)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.heads = {"first": L.Dense(WIDTH, activation="relu"), "second": L.Dense(WIDTH)}
         self.recurrent = L.LSTM(WIDTH, return_sequences=True)
+        self.upsample = L.Conv1DTranspose(WIDTH, 1)
 
     def call(self, x):
-        return self.recurrent(self.heads["second"](self.heads["first"](x)))
+        return self.upsample(self.recurrent(self.heads["second"](self.heads["first"](x))))
 
 
 def test_layers_in_dicts_convert_weight_only_and_what_cannot_convert_is_listed(tmp_path):
@@ -229,8 +230,10 @@ def test_layers_in_dicts_convert_weight_only_and_what_cannot_convert_is_listed(t
     rows = {row.name: row for row in report.layers if row.nested_in == "mixer"}
     dense = [row for row in rows.values() if row.class_name == "Dense"]
     assert len(dense) == 2 and all(row.status == "quantized" and row.input_bits is None for row in dense)
-    (lstm,) = [row for row in rows.values() if row.status == "float"]
-    assert "LSTMCell" in lstm.reason and lstm.kernel_params == 2 * 4 * WIDTH * WIDTH
+    (lstm,) = [row for row in rows.values() if row.class_name == "LSTM"]
+    assert lstm.status == "quantized" and lstm.input_bits is None and lstm.kernel_params == 2 * 4 * WIDTH * WIDTH
+    (transposed,) = [row for row in rows.values() if row.status == "float"]
+    assert "Conv1DTranspose" in transposed.reason and transposed.kernel_params == WIDTH * WIDTH
     assert any("kernel layers stay float" in w for w in report.warnings)
     assert _relative_error(model, quantized, data) < 0.05
     quantized.save(tmp_path / "mixer.keras")

@@ -22,6 +22,12 @@ Statistics of a nested layer's input (docs/method.md, "Nested layers"):
 
 Nested layers are quantized at the requested bit widths: the first/last
 rule (`first_last_bits`) applies to the model graph's own layers.
+
+Weight-only layers (`registry.WEIGHT_ONLY_LAYER_TYPES`: Embedding,
+SimpleRNN, LSTM, GRU) are replaced here too, nested or not: one of the
+model graph is a `NestedKernel` of itself (`path == ()`, `in_graph`), built
+as its PowerQuant layer in the graph's place. Their inputs are never
+quantized, so they need no input samples.
 """
 
 import contextlib
@@ -34,7 +40,9 @@ import numpy as np
 from keras_powerquant import keras_internals
 from keras_powerquant.converter.calibration import ReservoirSampler
 from keras_powerquant.converter.plan import assign_positions
+from keras_powerquant.converter.registry import kernel_type
 from keras_powerquant.converter.registry import linear_type
+from keras_powerquant.converter.registry import weight_only_type
 from keras_powerquant.converter.statistics import DATA_FREE_TAIL_DOF
 from keras_powerquant.layers import PowerQuantActivation
 from keras_powerquant.layers import PowerQuantInputQuantized
@@ -94,11 +102,16 @@ class NestedKernel:
 
     @property
     def name(self):
-        return f"{self.owner.name}/{self.layer.name}"
+        return self.layer.name if self.in_graph else f"{self.owner.name}/{self.layer.name}"
+
+    @property
+    def in_graph(self):
+        """Whether the layer is a call of the model graph itself (a weight-only layer), not nested in one."""
+        return self.path == ()
 
     @property
     def entry(self):
-        return linear_type(self.layer)
+        return kernel_type(self.layer)
 
 
 @dataclasses.dataclass
@@ -126,7 +139,7 @@ class NestedPlan:
 
 
 def _nested_float_reason(layer):
-    entry = linear_type(layer)
+    entry = kernel_type(layer)
     if isinstance(layer, keras.Model):
         return "a model inside a layer: its graph calls its layers, which are not replaced there"
     if entry is None or entry.quantized_class is None:
@@ -155,27 +168,33 @@ def plan_nested(plan, wbits, abits, graph=None, quantize_first_last=False):
     """
     kernels, float_layers, owners, kept = [], [], {}, []
     for owner, reason in plan.float_layers:
+        if weight_only_type(owner) is not None:
+            why = _nested_float_reason(owner)
+            if why is not None:
+                kept.append((owner, why))
+                continue
+            nested = _nested_kernel(owner, (), owner, wbits, abits)
+            kernels.append(nested)
+            owners[id(owner)] = [nested]
+            continue
         if linear_type(owner) is not None or isinstance(owner, keras.Model) or not _has_kernel_inside(owner):
             kept.append((owner, reason))
             continue
         reached = set()
         for path, sub in keras_internals.sublayer_paths(owner):
             reached.add(id(sub))
-            if any(isinstance(parent, keras.Model) or linear_type(parent) is not None
+            if any(isinstance(parent, keras.Model) or kernel_type(parent) is not None
                    for parent in _parents(owner, path)):
-                continue  # inside a nested model or kernel layer: its parent row covers it
-            if kernel_parameters(sub, own=not isinstance(sub, keras.Model)) == 0:
+                continue  # inside a nested model or kernel layer (an RNN's cell): its parent row covers it
+            own = not isinstance(sub, keras.Model) and weight_only_type(sub) is None
+            if kernel_parameters(sub, own=own) == 0:
                 continue
             why = _nested_float_reason(sub)
             name = f"{owner.name}/{sub.name}"
             if why is not None:
                 float_layers.append((owner, name, sub, why))
                 continue
-            entry = linear_type(sub)
-            kernel = entry.stored_kernel(sub, keras.ops.convert_to_numpy(sub.kernel))
-            bias = getattr(sub, "bias", None)
-            bias = None if bias is None else entry.stored_bias(sub, keras.ops.convert_to_numpy(bias))
-            nested = NestedKernel(owner, path, sub, kernel.astype(np.float32), bias, wbits, abits)
+            nested = _nested_kernel(owner, path, sub, wbits, abits)
             kernels.append(nested)
             owners.setdefault(id(owner), []).append(nested)
         for sub in keras_internals.all_layers(owner):
@@ -193,6 +212,19 @@ def plan_nested(plan, wbits, abits, graph=None, quantize_first_last=False):
     if graph is not None and owners:
         _reposition(plan, graph, owners, wbits, abits, quantize_first_last)
     return NestedPlan(kernels, float_layers, owners)
+
+
+def _nested_kernel(owner, path, layer, wbits, abits):
+    """The `NestedKernel` of `layer` at `path` in `owner`; a weight-only layer's input stays float."""
+    entry = kernel_type(layer)
+    if weight_only_type(layer) is not None:
+        kernel, bias = entry.weights(layer)
+        abits = None
+    else:
+        kernel = entry.stored_kernel(layer, keras.ops.convert_to_numpy(layer.kernel))
+        bias = getattr(layer, "bias", None)
+        bias = None if bias is None else entry.stored_bias(layer, keras.ops.convert_to_numpy(bias))
+    return NestedKernel(owner, path, layer, kernel.astype(np.float32), bias, wbits, abits)
 
 
 def _reposition(plan, graph, owners, wbits, abits, quantize_first_last):
@@ -258,10 +290,14 @@ def recording(nested_plan):
 def data_free_samples(nested_plan, graph, stats):
     """Runs each outer layer on samples of its inputs' data-free statistics; returns the recorded samplers.
 
-    Sets `rule` (or `reason`) of each nested kernel.
+    Sets `rule` (or `reason`) of each nested kernel. A weight-only layer
+    (`registry.WeightOnlyLayerType`) needs no input statistics: it is not run.
     """
     by_owner = {}
     for kernel in nested_plan.kernels:
+        if weight_only_type(kernel.layer) is not None:
+            kernel.rule = "weight-only: its input stays float"
+            continue
         by_owner.setdefault(id(kernel.owner), []).append(kernel)
     with recording(nested_plan) as samplers:
         for kernels in by_owner.values():
@@ -338,15 +374,18 @@ def fit(nested_plan, samplers, method, scope, per_channel, p, bounds, clip, fast
         kernel.input_fit = activation_fit
 
 
-def _replacement(kernel, per_channel):
+def _replacement(kernel, per_channel, name=None):
     entry, layer = kernel.entry, kernel.layer
+    # A weight-only layer's arguments hold its activation and use_bias (an Embedding has neither).
+    layer_arguments = {} if weight_only_type(layer) is not None else {
+        "activation": keras.activations.serialize(layer.activation), "use_bias": kernel.bias is not None
+    }
     new = entry.quantized_class(
-        name=layer.name,
+        name=name or layer.name,
         weight_bits=kernel.weight_bits,
         weight_exponent=kernel.fit.exponent,
         per_channel=per_channel,
-        activation=keras.activations.serialize(layer.activation),
-        use_bias=kernel.bias is not None,
+        **layer_arguments,
         **entry.quantized_arguments(layer),
     )
     if kernel.input_fit is None:
@@ -364,7 +403,22 @@ def _replacement(kernel, per_channel):
 
 def wrapped_clone(owner, name, kernels, per_channel):
     """`(wrapper, set_weights)`: a `PowerQuantSublayers` of a clone of `owner`, and the function that fills
-    its weights once it has been called (the outer layer's own, its float sublayers', the quantized codes)."""
+    its weights once it has been called (the outer layer's own, its float sublayers', the quantized codes).
+
+    For a weight-only layer of the model graph (`NestedKernel.in_graph`), the wrapper is its PowerQuant layer.
+    """
+    if len(kernels) == 1 and kernels[0].in_graph:
+        (kernel,) = kernels
+        _, new = _replacement(kernel, per_channel, name)
+
+        def set_float_weights():
+            entry = kernel.entry
+            new.set_float_weights(
+                entry.quantized_kernel(owner, kernel.kernel), entry.quantized_bias(owner, kernel.bias),
+                kernel.clip_fraction,
+            )
+
+        return new, set_float_weights
     clone = owner.__class__.from_config(owner.get_config())
     replacements, kernel_layers = [], []
     for kernel in kernels:

@@ -21,6 +21,10 @@ folding, statistics and bias correction):
 
 Exact types are matched (not subclasses): a subclass may override `call`,
 and then folding or replacing it would change what the model computes.
+
+Embedding and the recurrent layers are not linear layers of the graph
+rewrite: they are `WEIGHT_ONLY_LAYER_TYPES` (one `WeightOnlyLayerType`
+each, replaced whole by `converter.nested`, inputs float; docs/method.md §11).
 """
 
 import dataclasses
@@ -36,9 +40,15 @@ from keras_powerquant.layers import PowerQuantConv2D
 from keras_powerquant.layers import PowerQuantConv2DTranspose
 from keras_powerquant.layers import PowerQuantConv3D
 from keras_powerquant.layers import PowerQuantDense
+from keras_powerquant.layers import PowerQuantDepthwiseConv1D
 from keras_powerquant.layers import PowerQuantDepthwiseConv2D
 from keras_powerquant.layers import PowerQuantEinsumDense
+from keras_powerquant.layers import PowerQuantEmbedding
+from keras_powerquant.layers import PowerQuantGRU
+from keras_powerquant.layers import PowerQuantLSTM
+from keras_powerquant.layers import PowerQuantSimpleRNN
 from keras_powerquant.layers.einsum_dense import EinsumEquation
+from keras_powerquant.layers.recurrent import RNN_KEYS
 from keras_powerquant.quantization.bias_correction import transposed_tap_coverage
 from keras_powerquant.quantization.layouts import check_layout
 from keras_powerquant.quantization.layouts import OUTPUT_CHANNEL_NDIM
@@ -312,7 +322,7 @@ LINEAR_LAYER_TYPES = (
     LinearLayerType(L.Conv1D, "conv", PowerQuantConv1D, _CONV_KEYS),
     LinearLayerType(L.Conv2D, "conv", PowerQuantConv2D, _CONV_KEYS),
     LinearLayerType(L.Conv3D, "conv", PowerQuantConv3D, _CONV_KEYS),
-    LinearLayerType(L.DepthwiseConv1D, "depthwise"),
+    LinearLayerType(L.DepthwiseConv1D, "depthwise", PowerQuantDepthwiseConv1D, ("depth_multiplier",) + _WINDOW_KEYS),
     LinearLayerType(L.DepthwiseConv2D, "depthwise", PowerQuantDepthwiseConv2D, ("depth_multiplier",) + _WINDOW_KEYS),
     LinearLayerType(
         L.Conv2DTranspose,
@@ -341,6 +351,111 @@ _BY_CLASS = {entry.keras_class: entry for entry in LINEAR_LAYER_TYPES}
 def linear_type(layer):
     """The layer's `LinearLayerType` (exact class match), or None."""
     return _BY_CLASS.get(type(layer))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyLayerType:
+    """A Keras layer class quantized weight-only, replaced whole (never folded into, no input quantizer).
+
+    Its input is no activation to quantize (an Embedding's ids), or is
+    read inside a recurrence (an RNN's steps). These layers are not linear
+    layers of the graph rewrite (no BatchNorm folding, statistics, bias
+    correction or refinement): `converter.nested` replaces them, in the
+    model graph (`path == ()`) and inside other layers.
+
+    Attributes:
+        keras_class: the Keras layer class (matched exactly).
+        quantized_class: the PowerQuant layer that replaces it; it takes
+            `weight_bits`, `weight_exponent`, `per_channel` and `arguments(layer)`,
+            and has `set_float_weights(kernel, bias, clip_fraction)`.
+        weights: `weights(layer)`: `(kernel, bias)` float32 arrays, the kernel
+            with its scale channels on its last axis (as the exponent fit
+            takes it), bias None without one.
+        arguments: `arguments(layer)`: the `quantized_class` arguments besides the quantizer's.
+        float_reason: `float_reason(layer)`: why this instance stays float, or None.
+        to_quantized: `to_quantized(kernel)`: `weights`' kernel as `set_float_weights` takes it.
+    """
+
+    keras_class: type
+    quantized_class: type
+    weights: Callable
+    arguments: Callable
+    float_reason: Callable = lambda layer: None  # noqa: E731 - every instance is quantized
+    to_quantized: Callable = lambda kernel: kernel  # noqa: E731 - the same layout
+
+    # The kernel of `weights` holds one scale channel per index of its last axis.
+    channel_ndim = 1
+
+    def quantized_arguments(self, layer):
+        return self.arguments(layer)
+
+    def quantized_kernel(self, layer, kernel):
+        return self.to_quantized(kernel)
+
+    def quantized_bias(self, layer, bias):
+        return bias
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable).astype(np.float32)
+
+
+def _embedding_weights(layer):
+    # Transposed: the rows (tokens) are the scale channels, on the last axis.
+    return _numpy(layer.embeddings).T, None
+
+
+def _embedding_float_reason(layer):
+    if getattr(layer, "quantization_mode", None) is not None:
+        return f"already quantized by Keras (quantization_mode={layer.quantization_mode!r})"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA enabled: its table is the sum of two weights"
+    return None
+
+
+def _recurrent_weights(layer):
+    cell = layer.cell
+    kernel = np.concatenate([_numpy(cell.kernel), _numpy(cell.recurrent_kernel)], axis=0)
+    return kernel, _numpy(cell.bias) if cell.use_bias else None
+
+
+def _recurrent_arguments(layer, *cell_keys):
+    config = layer.get_config()
+    keys = RNN_KEYS + ("units", "activation", "use_bias") + cell_keys
+    return {key: config[key] for key in keys if key in config}
+
+
+WEIGHT_ONLY_LAYER_TYPES = (
+    WeightOnlyLayerType(
+        L.Embedding,
+        PowerQuantEmbedding,
+        _embedding_weights,
+        lambda layer: {"input_dim": layer.input_dim, "output_dim": layer.output_dim, "mask_zero": layer.mask_zero},
+        _embedding_float_reason,
+        to_quantized=np.transpose,
+    ),
+    WeightOnlyLayerType(L.SimpleRNN, PowerQuantSimpleRNN, _recurrent_weights, _recurrent_arguments),
+    WeightOnlyLayerType(
+        L.LSTM, PowerQuantLSTM, _recurrent_weights, lambda layer: _recurrent_arguments(layer, "recurrent_activation")
+    ),
+    WeightOnlyLayerType(
+        L.GRU,
+        PowerQuantGRU,
+        _recurrent_weights,
+        lambda layer: _recurrent_arguments(layer, "recurrent_activation", "reset_after"),
+    ),
+)
+_WEIGHT_ONLY_BY_CLASS = {entry.keras_class: entry for entry in WEIGHT_ONLY_LAYER_TYPES}
+
+
+def weight_only_type(layer):
+    """The layer's `WeightOnlyLayerType` (exact class match), or None."""
+    return _WEIGHT_ONLY_BY_CLASS.get(type(layer))
+
+
+def kernel_type(layer):
+    """The layer's `LinearLayerType` or `WeightOnlyLayerType`, or None."""
+    return linear_type(layer) or weight_only_type(layer)
 
 
 def quantized_classes():

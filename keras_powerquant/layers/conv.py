@@ -247,3 +247,52 @@ class PowerQuantDepthwiseConv2D(PowerQuantBaseConv):
 
     def get_config(self):
         return {**super().get_config(), "depth_multiplier": self.depth_multiplier}
+
+
+@keras.saving.register_keras_serializable(package="keras_powerquant")
+class PowerQuantDepthwiseConv1D(PowerQuantBaseConv):
+    """Depthwise 1-D convolution whose kernel is stored as power-quantized codes.
+
+    The kernel has shape `(k, in_channels, depth_multiplier)`; output
+    channel `i * depth_multiplier + j` uses slice `[:, i, j]` and has its
+    own scale. It runs as a depthwise 2-D convolution over a height of 1,
+    its stride and dilation repeated on that height (TensorFlow's plain CPU
+    kernel takes equal row and column strides; a kernel and input of height
+    1 give an output of height 1 whatever the stride).
+    Arguments follow `keras.layers.DepthwiseConv1D`.
+
+    Args:
+        kernel_size, strides, padding, depth_multiplier, data_format,
+            dilation_rate: as in `keras.layers.DepthwiseConv1D`.
+        weight_bits, weight_exponent, per_channel, activation, use_bias: see
+            `QuantizedKernelLayer`.
+
+    Input shape:
+        3-D `(batch, steps, channels)` (channels_last) or
+        `(batch, channels, steps)` (channels_first).
+
+    Output shape:
+        3-D, with `channels * depth_multiplier` channels.
+    """
+
+    channel_ndim = 2
+
+    def __init__(self, kernel_size, depth_multiplier=1, **kwargs):
+        super().__init__(1, kernel_size, **kwargs)
+        self.depth_multiplier = int(depth_multiplier)
+
+    def kernel_shape(self, input_shape):
+        return self.kernel_size + (self._input_channels(input_shape), self.depth_multiplier)
+
+    def _convolve(self, inputs, kernel):
+        outputs = tf.nn.depthwise_conv2d(
+            tf.expand_dims(inputs, 1),
+            kernel[None],
+            strides=(1,) + 2 * self.strides + (1,),
+            padding=self._tf_padding(),
+            dilations=2 * self.dilation_rate,
+        )
+        return tf.squeeze(outputs, 1)
+
+    def get_config(self):
+        return {**super().get_config(), "depth_multiplier": self.depth_multiplier}

@@ -50,6 +50,9 @@ class QuantizedKernelLayer(keras.layers.Layer):
     """
 
     channel_ndim = 1
+    # Whether a SavedModel exported with `decode_weights="load"` decodes the
+    # whole kernel once when loaded (False: every call decodes what it reads).
+    decodes_at_load = True
 
     def __init__(
         self,

@@ -111,7 +111,7 @@ def _nested_report(owner, name, kernel, layer, reason):
         input_bits=kernel.input_bits if input_fit else None,
         input_reason=kernel.reason,
         clip_fraction=kernel.clip_fraction,
-        nested_in=owner.name,
+        nested_in=None if kernel.in_graph else owner.name,
         input_exponent=input_fit.exponent if input_fit else None,
         input_clip=input_fit.clip if input_fit else None,
         rule=kernel.rule,
