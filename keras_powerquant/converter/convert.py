@@ -131,7 +131,7 @@ def _data_free_samples(plan, stats):
         tensor_stats = stats[key]
         rules[key] = tensor_stats.rule
         if tensor_stats.sampler is not None:
-            samples[key] = tensor_stats.sampler()
+            samples[key] = tensor_stats.sampler(plan.quantizers[key].bits)
     return samples, rules
 
 
