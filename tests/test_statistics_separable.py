@@ -148,11 +148,10 @@ def _xception_like(x_fit):
 
 
 def test_8_bit_data_free_clips_do_not_cut_into_the_real_range():
+    import keras_powerquant as kpq
     from keras_powerquant.converter.folding import plan_folds
     from keras_powerquant.converter.graph import FlatGraph
     from keras_powerquant.converter.plan import plan_conversion
-
-    import keras_powerquant as kpq
 
     model = _xception_like(_smooth_images(256, seed=1))
     _, report = kpq.convert(model, 8, 8, "uniform")
@@ -172,3 +171,16 @@ def test_8_bit_data_free_clips_do_not_cut_into_the_real_range():
     # Before issue 20 the depthwise outputs' clips were 0.5x of this range.
     for rule, ratio in checked.items():
         assert ratio > 0.85, (rule, ratio, checked)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.75])
+def test_average_pool_gaussians_matches_monte_carlo(rho):
+    rng = np.random.default_rng(7)
+    gaussians = _gaussians(3, seed=7)
+    x = _correlated_patches(gaussians, (4, 4), rho, rng)
+    from keras_powerquant.quantization.statistics import average_pool_gaussians
+
+    predicted = average_pool_gaussians(gaussians, (4, 4), rho)
+    _assert_moments(predicted, x.mean(axis=(1, 2)), rtol_var=0.05)
+    if rho == 0.0:
+        np.testing.assert_allclose(predicted.var, gaussians.var / 16)

@@ -185,6 +185,18 @@ def max_pool_gaussians(gaussians, pool_size, correlation=0.5, rule="propagated: 
     return ChannelGaussians(mean, var, rule)
 
 
+def average_pool_gaussians(gaussians, window_shape, correlation, rule="propagated: average pooling"):
+    """Moments of the average of a window of positions correlated as `spatial_correlation_matrix`.
+
+    The mean is kept; the variance is `var * mean(R(correlation))` over the
+    window's pairs of positions (`var / size` for independent positions,
+    `var` for identical ones). Keeping the input's variance (the rule
+    before) made a global average's clip 2-3.4x the calibrated one.
+    """
+    r = spatial_correlation_matrix(tuple(int(n) for n in window_shape), correlation)
+    return ChannelGaussians(gaussians.mean, gaussians.var * r.mean(), rule)
+
+
 def linear_gaussians(gaussians, kernel, bias, layout, groups=1, tap_weights=None,
                      correlations=SPATIAL_CORRELATIONS):
     """Propagates through a linear layer, input channels independent, padding ignored.
