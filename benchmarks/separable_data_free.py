@@ -142,6 +142,7 @@ def before_rules():
     converter_statistics.linear_gaussians = functools.partial(
         quantization_statistics.linear_gaussians, correlations=(0.0,))
     converter_statistics._max_pooled = lambda layer, stats: stats
+    converter_statistics._average_pooled = lambda op, stats: stats
 
 
 def imagenet_rows():
