@@ -156,7 +156,18 @@ def imagenet_rows():
             for method in ("powerquant", "uniform")]
 
 
-def run(quick=False, with_imagenet=False):
+def low_bit_rows(x, y, model, float_probs):
+    """W4/A8 and W4/A4 data-free rows of the mini-Xception and the ResNet-8 (the rules apply at every width)."""
+    resnet = common.load_benchmark_model("resnet8")
+    rows = []
+    for name, net, probs in (("mini_xception", model, float_probs), ("resnet8", resnet, _predict(resnet, x))):
+        for wbits, abits in ((4, 8), (4, 4)):
+            for method in ("powerquant", "uniform"):
+                rows.append(_row(name, net, probs, x, y, wbits=wbits, abits=abits, method=method)[0])
+    return rows
+
+
+def run(quick=False, with_imagenet=False, low_bits=False):
     x, y = common.cifar_test()
     calibration = common.cifar_calibration(CALIBRATION_IMAGES)
     rows = []
@@ -175,6 +186,8 @@ def run(quick=False, with_imagenet=False):
         resnet_probs = _predict(resnet, x)
         for method in ("powerquant", "uniform"):
             rows.append(_row("resnet8", resnet, resnet_probs, x, y, wbits=8, abits=8, method=method)[0])
+    if low_bits:
+        rows += low_bit_rows(x, y, model, float_probs)
     if with_imagenet:
         rows += imagenet_rows()
     return {
@@ -192,12 +205,13 @@ if __name__ == "__main__":
     parser.add_argument("--json", help="merge the results under --label into this file")
     parser.add_argument("--quick", action="store_true", help="data-free rows of the separable model only")
     parser.add_argument("--imagenet", action="store_true", help="also EfficientNet-Lite2 (650 images)")
+    parser.add_argument("--low-bits", action="store_true", help="also W4/A8 and W4/A4 data-free rows")
     parser.add_argument("--before-rules", action="store_true",
                         help="the data-free rules before issue 20 (to measure the change on this commit)")
     args = parser.parse_args()
     if args.before_rules:
         before_rules()
-    result = run(args.quick, args.imagenet)
+    result = run(args.quick, args.imagenet, args.low_bits)
     result["rules"] = "before issue 20" if args.before_rules else "this commit"
     if args.json:
         path = pathlib.Path(args.json)

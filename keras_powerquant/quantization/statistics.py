@@ -6,9 +6,11 @@ is fitted on deterministic samples of its output under that model: normal
 quantiles (or, with `tail_dof`, Student-t quantiles of the same mean and
 variance) pushed through the activation function. Where no BatchNorm
 precedes a tensor, per-channel means and variances are propagated through
-the layers in between under an independence assumption (sums add means and
-variances; linear layers map them through the kernel), and the output is
-again treated as Gaussian (moment matching).
+the layers in between with channels independent (sums add means and
+variances; linear layers map them through the kernel, the taps of one input
+channel correlated over positions: `correlated_tap_energy`; pooling:
+`max_pool_gaussians`, `average_pool_gaussians`), and the output is again
+treated as Gaussian (moment matching).
 """
 
 import dataclasses
