@@ -149,11 +149,10 @@ def _xception_like(x_fit):
 
 def _clip_over_real_range(model, x):
     """Per rule: the smallest 8-bit data-free clip over the 99.99th percentile of |values| on inputs `x`."""
+    import keras_powerquant as kpq
     from keras_powerquant.converter.folding import plan_folds
     from keras_powerquant.converter.graph import FlatGraph
     from keras_powerquant.converter.plan import plan_conversion
-
-    import keras_powerquant as kpq
 
     _, report = kpq.convert(model, 8, 8, "uniform")
     graph = FlatGraph(model)
