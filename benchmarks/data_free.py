@@ -59,16 +59,16 @@ def _predict(model, x):
 
 def _convert(model, wbits, abits, method, setting, calibration):
     options = dict(SETTINGS[setting])
-    tails = data_free_statistics.DATA_FREE_TAIL_DOF
+    tails = data_free_statistics.DATA_FREE_TAIL_DOF, data_free_statistics.HIGH_BITS_TAIL_DOF
     if setting == "gaussian":
-        # The v0.1 data-free ranges: Gaussian samples (module setting, restored below).
-        data_free_statistics.DATA_FREE_TAIL_DOF = None
+        # The v0.1 data-free ranges: Gaussian samples (module settings, restored below).
+        data_free_statistics.DATA_FREE_TAIL_DOF = data_free_statistics.HIGH_BITS_TAIL_DOF = None
     try:
         started = time.perf_counter()
         quantized, report = kpq.convert(model, wbits, abits, method, calibration_data=calibration, **options)
         seconds = time.perf_counter() - started
     finally:
-        data_free_statistics.DATA_FREE_TAIL_DOF = tails
+        data_free_statistics.DATA_FREE_TAIL_DOF, data_free_statistics.HIGH_BITS_TAIL_DOF = tails
     return quantized, report, seconds
 
 

@@ -36,9 +36,11 @@ def run():
     y = data["y"][FIRST_SELECTION_IMAGE:].astype(np.int64)
     results = [{"dof": "float", "top1": _top1(model, x, y)}]
     default_tail = data_free_statistics.DATA_FREE_TAIL_DOF
+    default_high = data_free_statistics.HIGH_BITS_TAIL_DOF
     try:
         for dof in TAILS:
-            data_free_statistics.DATA_FREE_TAIL_DOF = dof
+            # Every bit width on the same tails (8-bit quantizers have their own default since issue 20).
+            data_free_statistics.DATA_FREE_TAIL_DOF = data_free_statistics.HIGH_BITS_TAIL_DOF = dof
             for wbits, abits in BIT_CONFIGS:
                 for method in ("powerquant", "uniform"):
                     for clip in (False, True):
@@ -48,6 +50,7 @@ def run():
                         print(results[-1], flush=True)
     finally:
         data_free_statistics.DATA_FREE_TAIL_DOF = default_tail
+        data_free_statistics.HIGH_BITS_TAIL_DOF = default_high
     return {"selection_images": f"{common.CIFAR_TRAIN_FILE}[{FIRST_SELECTION_IMAGE}:]", "images": int(len(y)),
             "results": results}
 

@@ -24,6 +24,8 @@ from keras_powerquant.quantization.statistics import DEFAULT_TOTAL_SAMPLES
 from keras_powerquant.quantization.statistics import linear_gaussians
 
 MC_SAMPLES = 20_000
+# Input positions independent: the exact case of `linear_gaussians`.
+INDEPENDENT = (0.0,)
 
 
 def random_gaussians(channels, seed):
@@ -153,7 +155,7 @@ def test_linear_gaussians_conv(kernel_size):
     gaussians = random_gaussians(4, seed=11)
     kernel = (0.3 * rng.standard_normal(kernel_size + (4, 6))).astype(np.float32)
     bias = rng.standard_normal(6).astype(np.float32)
-    out = linear_gaussians(gaussians, kernel, bias, "conv")
+    out = linear_gaussians(gaussians, kernel, bias, "conv", correlations=INDEPENDENT)
     # A VALID conv of an input the size of the kernel has one output pixel.
     x = draw(gaussians, (MC_SAMPLES,) + kernel_size, rng)
     y = tf.nn.conv2d(x, kernel, strides=1, padding="VALID").numpy()
@@ -166,7 +168,7 @@ def test_linear_gaussians_depthwise(multiplier):
     gaussians = random_gaussians(5, seed=12)
     kernel = (0.4 * rng.standard_normal((3, 3, 5, multiplier))).astype(np.float32)
     bias = rng.standard_normal(5 * multiplier).astype(np.float32)
-    out = linear_gaussians(gaussians, kernel, bias, "depthwise")
+    out = linear_gaussians(gaussians, kernel, bias, "depthwise", correlations=INDEPENDENT)
     x = draw(gaussians, (MC_SAMPLES, 3, 3), rng)
     y = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding="VALID").numpy()
     assert_matches_monte_carlo(out, y.reshape(MC_SAMPLES, 5 * multiplier) + bias)
@@ -177,7 +179,7 @@ def test_linear_gaussians_grouped_conv(groups):
     rng = np.random.default_rng(13 + groups)
     gaussians = random_gaussians(6, seed=13)
     kernel = (0.4 * rng.standard_normal((2, 2, 6 // groups, 3 * groups))).astype(np.float32)
-    out = linear_gaussians(gaussians, kernel, None, "conv", groups)
+    out = linear_gaussians(gaussians, kernel, None, "conv", groups, correlations=INDEPENDENT)
     x = draw(gaussians, (MC_SAMPLES, 2, 2), rng)
     y = tf.nn.conv2d(x, kernel, strides=1, padding="VALID").numpy()  # TensorFlow's grouped convolution
     assert_matches_monte_carlo(out, y.reshape(MC_SAMPLES, 3 * groups))

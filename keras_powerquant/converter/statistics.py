@@ -25,11 +25,13 @@ from keras_powerquant.converter.layer_types import LINEAR
 from keras_powerquant.converter.operations import is_elementwise
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.statistics import add_gaussians
+from keras_powerquant.quantization.statistics import average_pool_gaussians
 from keras_powerquant.quantization.statistics import batchnorm_gaussians
 from keras_powerquant.quantization.statistics import ChannelGaussians
 from keras_powerquant.quantization.statistics import concatenate_gaussians
 from keras_powerquant.quantization.statistics import layernorm_gaussians
 from keras_powerquant.quantization.statistics import linear_gaussians
+from keras_powerquant.quantization.statistics import max_pool_gaussians
 from keras_powerquant.quantization.statistics import mixed_gaussians
 from keras_powerquant.quantization.statistics import tiled_gaussians
 
@@ -42,10 +44,27 @@ L = keras.layers
 # held-out training images of the shared ResNet-8 (benchmarks/RESULTS.md,
 # "Data-free accuracy"). Moments propagated through the graph stay Gaussian.
 DATA_FREE_TAIL_DOF = 10
+# At this many bits and more, the tails are heavier still: a Student t with
+# HIGH_BITS_TAIL_DOF degrees of freedom (finite variance, infinite kurtosis;
+# real per-channel kurtosis was 5-16 on the shared ResNet-8 and a CIFAR
+# Xception, against 4 for 10 degrees of freedom). With 256 levels a clip cut
+# into the real range costs far more than the resolution a wider clip
+# gives up, and calibration then clips near the observed maximum: the
+# 10-dof samples gave 8-bit clips 1.2-1.6x tighter than calibration even
+# right after a BatchNorm (docs/method.md §4, issue 20).
+HIGH_BITS = 8
+HIGH_BITS_TAIL_DOF = 4
 
 
-def _fit_samples(gaussians):
-    return gaussians.samples(tail_dof=DATA_FREE_TAIL_DOF)
+def tail_dof(bits=None):
+    """Degrees of freedom of the Student t a quantizer of `bits` bits is fitted on."""
+    if bits is not None and bits >= HIGH_BITS:
+        return HIGH_BITS_TAIL_DOF
+    return DATA_FREE_TAIL_DOF
+
+
+def _fit_samples(gaussians, bits=None):
+    return gaussians.samples(tail_dof=tail_dof(bits))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +74,10 @@ class TensorStats:
     Attributes:
         gaussians: per-channel moments along the last axis, or None when the
             channel layout is unknown.
-        sampler: returns a 1-D sample of the tensor's values, or None when
-            they cannot be modelled.
+        sampler: `sampler(bits=None)` returns a 1-D sample of the tensor's
+            values for fitting a quantizer of `bits` bits (the tail model
+            depends on them, see `tail_dof`), or None when they cannot be
+            modelled.
         rule: how the statistics were obtained, for the report.
     """
 
@@ -66,7 +87,7 @@ class TensorStats:
 
     @classmethod
     def of_gaussians(cls, gaussians):
-        return cls(gaussians, lambda: _fit_samples(gaussians).ravel(), gaussians.rule)
+        return cls(gaussians, lambda bits=None: _fit_samples(gaussians, bits).ravel(), gaussians.rule)
 
     @classmethod
     def unknown(cls, rule):
@@ -94,7 +115,7 @@ def _activated(stats, spec, name=None):
     rule = f"{stats.rule} -> {name or spec.name}"
     _, gaussians = stats.gaussians.map(fn, rule)
     pre = stats.gaussians
-    return TensorStats(gaussians, lambda: fn(_fit_samples(pre)).ravel(), rule)
+    return TensorStats(gaussians, lambda bits=None: fn(_fit_samples(pre, bits)).ravel(), rule)
 
 
 def _linear_stats(op, stats_in, fold):
@@ -253,6 +274,44 @@ def _layer_norm(layer, output_shape):
     return TensorStats.of_gaussians(layernorm_gaussians(gamma, beta))
 
 
+_MAX_POOLING = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
+# Correlation of the values one max-pooling window reads (neighbouring
+# positions of a feature map), for `max_pool_gaussians`.
+MAX_POOL_CORRELATION = 0.5
+
+
+def _max_pooled(layer, stats):
+    """Max pooling raises the mean (the maximum of a window) and narrows the spread."""
+    window = int(np.prod(layer.pool_size))
+    rule = f"{stats.rule} -> max pooling"
+    return TensorStats.of_gaussians(max_pool_gaussians(stats.gaussians, window, MAX_POOL_CORRELATION, rule))
+
+
+_AVERAGE_POOLING = (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)
+_GLOBAL_AVERAGE_POOLING = (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D)
+_AVERAGE_POOLING += _GLOBAL_AVERAGE_POOLING
+# Correlation of neighbouring positions an average pooling reads, for
+# `average_pool_gaussians`: 0.75 matched the spread of a global average
+# of a CIFAR Xception's last feature map and erred wide (0.5 matched) on
+# the shared ResNet-8's.
+AVERAGE_POOL_CORRELATION = 0.75
+
+
+def _average_pooled(op, stats):
+    layer = op.layer
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return stats
+    if type(layer) in _GLOBAL_AVERAGE_POOLING:
+        window = tuple(op.input_tensors[0].shape[1:-1])
+    else:
+        window = tuple(layer.pool_size)
+    if not window or None in window:
+        return stats
+    rule = f"{stats.rule} -> average pooling"
+    return TensorStats.of_gaussians(
+        average_pool_gaussians(stats.gaussians, window, AVERAGE_POOL_CORRELATION, rule))
+
+
 def propagate_statistics(graph, folds):
     """Data-free `TensorStats` of every tensor key of the graph.
 
@@ -292,6 +351,10 @@ def propagate_statistics(graph, folds):
             out = _rescaled(layer, inputs[0])
         elif kind in (L.Flatten, L.Reshape):
             out = _flattened(inputs[0], op.input_tensors[0].shape, op.output_tensors[0].shape)
+        elif kind in _MAX_POOLING and inputs[0].gaussians is not None:
+            out = _max_pooled(layer, inputs[0])
+        elif kind in _AVERAGE_POOLING and inputs[0].gaussians is not None:
+            out = _average_pooled(op, inputs[0])
         elif len(inputs) == 1 and is_sign_preserving(layer):
             # Pooling, padding, dropout...: the value distribution is kept
             # (averaging only narrows it, so this errs on the wide side).

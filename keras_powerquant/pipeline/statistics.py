@@ -57,7 +57,7 @@ def gather_statistics(request, analysis, inputs):
         for key in plan.quantizers:
             rules[key] = propagated[key].rule
             if propagated[key].sampler is not None:
-                samples[key] = propagated[key].sampler()
+                samples[key] = propagated[key].sampler(plan.quantizers[key].bits)
         nested_samplers = nested.data_free_samples(analysis.nested_plan, graph, propagated)
         return Statistics(samples, rules, nested_samplers, propagated)
 
