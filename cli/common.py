@@ -60,53 +60,24 @@ def handle_errors(command):
 
 
 class Progress:
-    """Stage-by-stage progress on stderr, with done/total and the time left.
+    """Stage-by-stage progress on stderr, with done/total and the time left (`ProgressPrinter`).
 
-    On a terminal one line per stage is rewritten in place. Otherwise (a log,
-    a pipe) a line is printed at the stage's first report, then at most every
-    `LOG_EVERY` seconds, and when it completes, each with its estimate.
+    On a terminal one line per stage is rewritten in place; in a log or a
+    pipe a line is printed at a stage's first report, at most every 10 s
+    after, and when it completes.
     """
 
-    LOG_EVERY = 10.0
-
     def __init__(self):
-        from keras_powerquant.progress import StageClock
+        from keras_powerquant.progress import ProgressPrinter
 
-        self.interactive = sys.stderr.isatty()
-        self._clock = StageClock()
-        self._stage = None
-        self._logged = 0.0
+        self._printer = ProgressPrinter(sys.stderr, interactive=sys.stderr.isatty())
 
     def message(self, text):
-        self._end_line()
+        self._printer.end_line()
         click.echo(text, err=True)
 
     def __call__(self, stage, done, total):
-        from keras_powerquant.progress import format_seconds
-
-        elapsed, eta = self._clock.update(stage, done, total)
-        first = stage != self._stage
-        if first:
-            self._end_line()
-            self._stage = stage
-        count = f"{done}/{total}" if total else str(done)
-        if total and done >= total:
-            timing = f" in {format_seconds(elapsed)}"
-        elif eta is not None:
-            timing = f", {format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}"
-        else:
-            timing = f", {format_seconds(elapsed)} elapsed"
-        line = f"  {stage}: {count}{timing}"
-        if self.interactive:
-            click.echo(f"\r{line}\x1b[K", err=True, nl=False)
-        elif first or (total and done >= total) or elapsed - self._logged >= self.LOG_EVERY:
-            self._logged = elapsed
-            click.echo(line, err=True)
-
-    def _end_line(self):
-        if self.interactive and self._stage is not None:
-            click.echo(err=True)
-        self._stage = None
+        self._printer(stage, done, total)
 
 
 def format_bytes(count):

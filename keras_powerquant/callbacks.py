@@ -1,6 +1,7 @@
 """`PowerQuantExport`: convert and export a model when training ends."""
 
 import collections.abc
+import sys
 import warnings
 
 import keras
@@ -12,6 +13,7 @@ from keras_powerquant.export import export_model
 from keras_powerquant.export import FORMATS
 from keras_powerquant.pipeline import check_inputs
 from keras_powerquant.pipeline import convert
+from keras_powerquant.progress import ProgressPrinter
 from keras_powerquant.synthesis import SyntheticData
 from keras_powerquant.warmup import check_warmup_count
 
@@ -49,7 +51,9 @@ class PowerQuantExport(keras.callbacks.Callback):
             (which must then be re-iterable: an array or a `tf.data.Dataset`,
             not a generator), or zeros without it or with synthetic data.
         decode_weights: "load" or "call" (see `export_model`).
-        verbose: print where the export went.
+        verbose: print each conversion stage's progress (done/total,
+            elapsed time and time left, at most every 10 s) and where the
+            export went.
 
     Attributes:
         config: the `ConversionConfig`.
@@ -144,6 +148,7 @@ class PowerQuantExport(keras.callbacks.Callback):
                 config=self.config,
                 calibration_data=self.calibration_data,
                 calibration_labels=self.calibration_labels,
+                progress=ProgressPrinter(sys.stdout, prefix="PowerQuantExport: ") if self.verbose else None,
             )
             self.result = export_model(
                 quantized,

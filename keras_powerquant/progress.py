@@ -54,3 +54,54 @@ class StageClock:
         else:
             rate = (now - self._first[0]) / (done - self._first[1])
         return elapsed, rate * max(total - done, 0)
+
+
+class ProgressPrinter:
+    """A `progress(stage, done, total)` callback printing done/total, elapsed time and ETA per stage.
+
+    With `interactive` (a terminal) one line per stage is rewritten in
+    place. Otherwise (a log, a pipe, a notebook) a line is written at the
+    stage's first report, then at most every `every` seconds, and when the
+    stage completes, each with its estimate.
+
+    Args:
+        stream: where lines go (`sys.stderr` for the CLI).
+        interactive: rewrite one line per stage in place.
+        prefix: text before each line.
+        every: seconds between two lines of one stage, when not interactive.
+        clock: the time function, as `StageClock`'s.
+    """
+
+    def __init__(self, stream, interactive=False, prefix="  ", every=10.0, clock=time.perf_counter):
+        self.stream, self.interactive, self.prefix, self.every = stream, interactive, prefix, every
+        self._clock = StageClock(clock)
+        self._stage = None
+        self._logged = 0.0
+
+    def __call__(self, stage, done, total):
+        elapsed, eta = self._clock.update(stage, done, total)
+        first = stage != self._stage
+        if first:
+            self.end_line()
+            self._stage = stage
+        finished = bool(total) and done >= total
+        count = f"{done}/{total}" if total else str(done)
+        if finished:
+            timing = f" in {format_seconds(elapsed)}"
+        elif eta is not None:
+            timing = f", {format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}"
+        else:
+            timing = f", {format_seconds(elapsed)} elapsed"
+        line = f"{self.prefix}{stage}: {count}{timing}"
+        if self.interactive:
+            self.stream.write(f"\r{line}\x1b[K")
+        elif first or finished or elapsed - self._logged >= self.every:
+            self._logged = elapsed
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end_line(self):
+        """Ends the line being rewritten in place, if any (before other output)."""
+        if self.interactive and self._stage is not None:
+            self.stream.write("\n")
+        self._stage = None

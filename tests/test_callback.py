@@ -1,6 +1,7 @@
 """`PowerQuantExport`: a real (short) `model.fit` exports a converted version at its end."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -84,7 +85,10 @@ def test_each_fit_exports_the_next_version_that_serves_the_converted_model(data,
     assert callback.result.version == 1
     assert os.listdir(export_dir) == ["1"]
     assert callback.best_epoch is None
-    assert f"PowerQuantExport: version 1 written to {export_dir / '1'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"PowerQuantExport: version 1 written to {export_dir / '1'}" in printed
+    # Each conversion stage's progress, with its time, before the export line.
+    assert re.search(r"^PowerQuantExport: weights: (\d+)/\1 in \d+ s$", printed, re.M), printed
     served_1 = _serve(callback.result.saved_model_dir, x[:16])
     np.testing.assert_allclose(served_1, _converted_outputs(model, model.get_weights(), x[:16]), atol=1e-5)
 

@@ -148,6 +148,27 @@ def test_stage_clock_estimates_from_the_rate_after_the_first_item():
     assert [format_seconds(s) for s in (4.4, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
 
 
+def test_progress_lines_in_a_log_come_at_most_every_ten_seconds_and_at_the_end():
+    import io
+
+    from keras_powerquant.progress import ProgressPrinter
+
+    now, stream = [0.0], io.StringIO()
+    printer = ProgressPrinter(stream, prefix="> ", clock=lambda: now[0])
+    for done in range(1, 21):
+        now[0] = 2.0 * done
+        printer("calibration", done, 20)
+    printer("weights", 1, None)
+    assert stream.getvalue().splitlines() == [
+        "> calibration: 1/20, 2 s elapsed, ETA 38 s",
+        "> calibration: 6/20, 12 s elapsed, ETA 28 s",
+        "> calibration: 11/20, 22 s elapsed, ETA 18 s",
+        "> calibration: 16/20, 32 s elapsed, ETA 8 s",
+        "> calibration: 20/20 in 40 s",
+        "> weights: 1, 0 s elapsed",
+    ]
+
+
 def test_calibration_batches_are_counted_beforehand():
     tensor = keras.Input((4,))
     x = np.zeros((70, 4), np.float32)
