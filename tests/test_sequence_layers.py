@@ -275,3 +275,14 @@ def test_bert_encoder_quantizes_every_kernel_and_round_trips(tmp_path):
     served = tf.saved_model.load(exported.saved_model_dir).signatures["serving_default"]
     outputs = served(tokens=tf.constant(data, tf.float32))
     np.testing.assert_allclose(next(iter(outputs.values())).numpy(), got, atol=FLOAT_TOLERANCE)
+
+
+def test_a_size_target_counts_the_weight_only_layers_at_their_quantized_size(tmp_path):
+    # The Embedding and the GRU stay at 4 bits; only the Dense head's bits are chosen.
+    model = text_classifier(L.GRU)
+    data = token_ids(64, seed=9)
+    quantized, report = kpq.convert(model, 4, 4, calibration_data=data, target_size=0.2, refine=[])
+    exported = export_model(quantized, tmp_path / "export", 1, report=report, float_model=model)
+    with open(exported.report_path, encoding="utf-8") as file:
+        sizes = json.load(file)["sizes"]
+    assert sizes["variable_ratio"] <= 0.2, sizes

@@ -47,6 +47,7 @@ def analyse(model, config, refining=False):
     budget = None
     if refining:
         budget = refinement.size_budget(
-            plan, refinement.weight_bytes(model), config.target_size, config.mean_bits, config.per_channel
+            plan, refinement.weight_bytes(model), config.target_size, config.mean_bits, config.per_channel,
+            nested_plan.kernels,
         )
     return Analysis(graph, folds, unfolded, plan, nested_plan, budget)

@@ -43,13 +43,15 @@ STEPS = {
 __all__ = ["InputReservoir", "Refinement", "refine_plan", "size_budget", "weight_bytes"]
 
 
-def size_budget(plan, float_bytes, target_size, mean_bits, per_channel):
+def size_budget(plan, float_bytes, target_size, mean_bits, per_channel, nested_kernels=()):
     """The mixed-precision budget, `("bytes", limit)` or `("bits", limit)`, or None.
 
     `target_size` counts the converted model's weight bytes (codes, scales,
     biases and the weights of layers that stay float): an int is bytes, a
     float in (0, 1] a fraction of `float_bytes`. It is turned into a limit
-    on the quantized layers' bytes.
+    on the quantized layers' bytes. The `nested_kernels` (the
+    `NestedKernel`s of `converter.nested`: weight-only layers, kernel layers
+    inside other layers) keep their bit width and count at their quantized size.
 
     Raises:
         ValueError: a budget below what 2-bit weights reach.
@@ -64,6 +66,9 @@ def size_budget(plan, float_bytes, target_size, mean_bits, per_channel):
     # What the quantized layers and their folded BatchNorms weigh in the float model.
     replaced = [p.layer for p in layer_plans] + [p.fold.batch_norm for p in layer_plans if p.fold]
     fixed = float_bytes - sum(weight_bytes(layer) for layer in replaced)
+    fixed += sum(
+        kernel_bytes(kernel, kernel.weight_bits, per_channel) - weight_bytes(kernel.layer) for kernel in nested_kernels
+    )
     smallest = fixed + sum(
         kernel_bytes(p, 2, per_channel if p.per_channel is None else p.per_channel) for p in layer_plans
     )

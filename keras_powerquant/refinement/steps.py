@@ -342,7 +342,11 @@ def _powell(context, settings, settings_loss):
 
 
 def kernel_bytes(layer_plan, bits, per_channel):
-    """Bytes of one quantized layer's variables: codes, scales and bias."""
+    """Bytes of one quantized layer's variables: codes, scales and bias.
+
+    `layer_plan` is a `LayerPlan` or a `NestedKernel`: its `kernel` (scale
+    channels on the last axis) and `bias` (or None).
+    """
     size = int(layer_plan.kernel.size)
     codes = math.ceil(size / 2) if bits <= 4 else size
     channels = int(np.prod(layer_plan.kernel.shape[-1:])) if layer_plan.bias is None else int(layer_plan.bias.size)
