@@ -21,7 +21,9 @@ L = keras.layers
 def _no_batch_norm_classifier():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((12, 12, 3))
-    x = L.Conv2D(8, 3, activation="relu", name="c1")(inputs)
+    # The first layer reads the input through a padding, as ResNet-50's does.
+    x = L.ZeroPadding2D(1, name="pad")(inputs)
+    x = L.Conv2D(8, 3, activation="relu", name="c1")(x)
     x = L.Conv2D(8, 3, activation="relu", name="c2")(x)
     x = L.GlobalAveragePooling2D(name="pool")(x)
     outputs = L.Dense(5, activation="softmax", name="head")(x)

@@ -10,6 +10,7 @@ from keras_powerquant.converter.calibration import calibration_batches
 from keras_powerquant.converter.calibration import count_batches
 from keras_powerquant.converter.calibration import InputMeans
 from keras_powerquant.converter.calibration import record_samples
+from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.converter.statistics import propagate_statistics
 from keras_powerquant.errors import UnsupportedModelError
 from keras_powerquant.refinement import InputReservoir
@@ -118,17 +119,28 @@ def _weakness(stats, most_steps):
     return None
 
 
+def _model_inputs(graph):
+    """The keys of the model's inputs and of what they become through one-input ops that are not
+    linear layers (padding, rescaling, reshaping: the first layer's input)."""
+    keys = set(graph.input_keys)
+    for op in graph.ops:
+        if len(op.input_keys) == 1 and op.input_keys[0] in keys and not (op.is_layer and linear_type(op.layer)):
+            keys.update(op.output_keys)
+    return keys
+
+
 def _fall_back(request, analysis, propagated, samples, rules):
     """Refits the quantizers with weak data-free statistics on `FALLBACK_SYNTHESIS` inputs.
 
     Updates `samples` and `rules` in place for those quantizers alone; the
-    model's inputs keep their statistics (synthetic inputs do not know the
-    range real ones have). Returns the notes for the report.
+    model's inputs (`_model_inputs`) keep their statistics (synthetic inputs
+    do not know the range real ones have). Returns the notes for the report.
     """
     graph, plan = analysis.graph, analysis.plan
+    inputs = _model_inputs(graph)
     weak = {}
     for key in plan.quantizers:
-        why = None if key in graph.input_keys else _weakness(propagated[key], request.config.data_free_fallback)
+        why = None if key in inputs else _weakness(propagated[key], request.config.data_free_fallback)
         if why is not None:
             weak[key] = why
     if not weak:
