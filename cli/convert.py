@@ -187,6 +187,9 @@ def _float_parts(report):
 @click.option("--rounding-iterations", type=click.IntRange(min=0), default=ROUNDING_ITERATIONS, show_default=True,
               help="Gradient steps per layer of learned rounding (the refinement step 'rounding'); "
               "its time grows linearly with them.")
+@click.option("--data-free-fallback", type=click.IntRange(min=0), metavar="STEPS",
+              help="Without --calibration-data: fit the activations whose data-free statistics are missing or "
+              "more than STEPS linear layers and merges from a BatchNorm on a short synthetic run.")
 @click.option("--version", "version", type=_VersionType(), default=1, show_default=True,
               help="Version to write, or 'next' for the one after the highest in OUT.")
 @click.option("--format", "output_format", type=click.Choice(["savedmodel", "keras", "both"]), default="savedmodel",
@@ -205,8 +208,8 @@ def _float_parts(report):
 @handle_errors
 def convert(model, out, wbits, abits, method, calibration_data, calibration_key, synthetic_samples, input_range,
             scope, quantize_first_last, fast_activations, weight_clipping, bias_correction, refine, calibration_labels,
-            target_size, mean_bits, refine_samples, refine_evaluations, rounding_iterations, version, output_format,
-            overwrite, decode_weights, warmup, config_file, as_json):
+            target_size, mean_bits, refine_samples, refine_evaluations, rounding_iterations, data_free_fallback,
+            version, output_format, overwrite, decode_weights, warmup, config_file, as_json):
     """Convert MODEL (.h5 or .keras) to PowerQuant and export it to OUT.
 
     Writes the folder OUT/<version>/: a TF Serving SavedModel with integer
@@ -260,6 +263,7 @@ def convert(model, out, wbits, abits, method, calibration_data, calibration_key,
         "refine_samples": refine_samples,
         "refine_evaluations": refine_evaluations,
         "rounding_iterations": rounding_iterations,
+        "data_free_fallback": data_free_fallback,
     }
     # Options left at their defaults are ConversionConfig's (the same values) or the --config file's.
     context = click.get_current_context()

@@ -112,6 +112,12 @@ class ConversionConfig:
         refine_evaluations: evaluation budget of LAPQ's Powell search.
         rounding_iterations: gradient steps per layer of the "rounding"
             step (learned rounding, AdaRound-style).
+        data_free_fallback: without calibration data, fit the activation
+            quantizers whose data-free statistics are missing or more than
+            this many steps (linear layers and merges) from a BatchNorm on
+            a short synthetic run instead (`pipeline.statistics`,
+            docs/method.md §4): an integer >= 0, or None (default) for
+            data-free statistics alone. The model's inputs keep theirs.
 
     Raises:
         ValueError: an invalid option, named in the message.
@@ -137,6 +143,7 @@ class ConversionConfig:
     refine_samples: int
     refine_evaluations: int
     rounding_iterations: int
+    data_free_fallback: Optional[int]
 
     def __init__(
         self,
@@ -161,6 +168,7 @@ class ConversionConfig:
         refine_samples=DEFAULT_REFINE_SAMPLES,
         refine_evaluations=DEFAULT_MAX_EVALUATIONS,
         rounding_iterations=ROUNDING_ITERATIONS,
+        data_free_fallback=None,
     ):
         # Each value is stored as the plain Python type it is checked to be,
         # so `get_config()` is JSON-safe whatever numpy scalars came in.
@@ -187,6 +195,9 @@ class ConversionConfig:
             "refine_samples": check_integer(refine_samples, "refine_samples", 1),
             "refine_evaluations": check_integer(refine_evaluations, "refine_evaluations", 0),
             "rounding_iterations": check_integer(rounding_iterations, "rounding_iterations", 0),
+            "data_free_fallback": None
+            if data_free_fallback is None
+            else check_integer(data_free_fallback, "data_free_fallback", 0),
         }
         if target_size is not None and mean_bits is not None:
             raise ValueError("Give `target_size` or `mean_bits`, not both.")

@@ -94,18 +94,24 @@ class SyntheticData:
     batch_size: int = DEFAULT_BATCH_SIZE
     input_range: Optional[tuple] = None
     class_term: bool = True
+    time_limit: Optional[float] = None
 
     def __post_init__(self):
         _check_options(self.num_samples, self.seed, self.steps, self.learning_rate, self.batch_size,
-                       self.input_range)
+                       self.input_range, self.time_limit)
 
     def generate(self, model, progress=None):
         """Runs `synthesize` on a loaded model with these options; returns a `Synthesis`."""
         return synthesize(model, progress=progress, **dataclasses.asdict(self))
 
 
-def _check_options(num_samples, seed, steps, learning_rate, batch_size, input_range):
+def _check_options(num_samples, seed, steps, learning_rate, batch_size, input_range, time_limit=None):
     check_integer(num_samples, "num_samples", 1)
+    if time_limit is not None and not (
+        isinstance(time_limit, (int, float)) and not isinstance(time_limit, bool)
+        and math.isfinite(time_limit) and time_limit > 0
+    ):
+        raise ValueError(f"`time_limit` must be a finite number of seconds > 0, or None; got {time_limit!r}.")
     check_integer(seed, "seed", 0)
     check_integer(steps, "steps", 0)
     check_integer(batch_size, "batch_size", 1)
@@ -131,6 +137,7 @@ def synthesize_inputs(
     input_range=None,
     class_term=True,
     classes=None,
+    time_limit=None,
     progress=None,
 ):
     """Generates calibration inputs from a model's BatchNorm statistics and classifier head.
@@ -161,6 +168,10 @@ def synthesize_inputs(
         class_term: add the cross-entropy term for classifier outputs.
         classes: optional int array `(num_samples,)` of target classes;
             by default a seeded permutation of the classes, repeated.
+        time_limit: optional bound in seconds: once it has passed, every
+            batch stops after the step that is running (its inputs as they
+            are then; the result then depends on the machine's speed, and
+            the notes say how many steps were run).
         progress: optional callback `progress(stage, done, total)`, the
             `convert` protocol: `done` of `total` steps over all batches,
             and the stage names the current loss ("synthesis (loss 0.12)").
@@ -179,7 +190,8 @@ def synthesize_inputs(
     """
     result = synthesize(
         model, num_samples, seed=seed, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-        input_range=input_range, class_term=class_term, classes=classes, progress=progress,
+        input_range=input_range, class_term=class_term, classes=classes, time_limit=time_limit,
+        progress=progress,
     )
     for note in result.notes:
         logger.info(note)
@@ -378,11 +390,13 @@ def synthesize(
     input_range=None,
     class_term=True,
     classes=None,
+    time_limit=None,
     progress=None,
 ):
     """`synthesize_inputs`, returning a `Synthesis` (inputs, targets, losses, notes)."""
-    _check_options(num_samples, seed, steps, learning_rate, batch_size, input_range)
+    _check_options(num_samples, seed, steps, learning_rate, batch_size, input_range, time_limit)
     started = time.perf_counter()
+    deadline = None if time_limit is None else started + time_limit
     model, notes = resolve_model(model)
     graph = FlatGraph(model)
     _check_inputs(graph)
@@ -419,7 +433,7 @@ def synthesize(
     batches = [(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
     total = len(batches) * steps
     pieces = [[] for _ in input_shapes]
-    losses = []
+    losses, steps_run = [], []
     optimisers = {}
     for number, (start, stop) in enumerate(batches):
         count = stop - start
@@ -428,15 +442,23 @@ def synthesize(
         rng = np.random.default_rng([seed, 3, number])
         initial = [rng.standard_normal((count,) + shape).astype(np.float32) for shape, _ in input_shapes]
         batch_targets = np.zeros(count, np.int64) if targets is None else targets[start:stop]
-        values, loss = optimisers[count].run(
-            initial, batch_targets, steps, progress=progress, done=number * steps, total=total
+        values, loss, ran = optimisers[count].run(
+            initial, batch_targets, steps, progress=progress, done=number * steps, total=total,
+            deadline=deadline,
         )
+        steps_run.append(ran)
         for piece, value in zip(pieces, values):
             piece.append(value)
         losses.append(loss)
     inputs = [np.concatenate(piece).astype(dtype) for piece, (_, dtype) in zip(pieces, input_shapes)]
     batchnorm_loss = float(np.mean([b for b, _ in losses])) if batch_norms else None
     class_loss = float(np.mean([c for _, c in losses])) if heads else None
+    if min(steps_run) < steps:
+        notes.append(
+            f"synthetic inputs: the time limit of {time_limit:g} s stopped the optimisation after "
+            f"{min(steps_run)} to {max(steps_run)} of {steps} steps per batch (the inputs depend on "
+            "the machine's speed)"
+        )
     return Synthesis(
         inputs=inputs,
         classes=targets,
@@ -470,8 +492,9 @@ class _BatchOptimiser:
         self.optimizer.apply(tape.gradient(loss, self.variables), self.variables)
         return batchnorm_loss, class_loss
 
-    def run(self, initial, targets, steps, progress, done, total):
-        """Optimises from `initial`; returns `(input arrays, (batchnorm loss, class loss))`."""
+    def run(self, initial, targets, steps, progress, done, total, deadline=None):
+        """Optimises from `initial` for `steps` steps, or until `time.perf_counter()` passes
+        `deadline`; returns `(input arrays, (batchnorm loss, class loss), steps run)`."""
         for variable, value in zip(self.variables, initial):
             variable.assign(value)
         self.targets.assign(targets)
@@ -479,7 +502,11 @@ class _BatchOptimiser:
             variable.assign(value)
         every = max(1, steps // _PROGRESS_UPDATES)
         stage = "synthesis"
+        ran = 0
         for i in range(steps):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            ran += 1
             batchnorm_loss, class_loss = self._step()
             if progress is not None:
                 if (i + 1) % every == 0 or i + 1 == steps:
@@ -488,4 +515,4 @@ class _BatchOptimiser:
         # Eagerly: one forward pass costs less than tracing it.
         batchnorm_loss, class_loss = self.objective(self.variables, self.targets)
         inputs = self.objective.inputs(self.variables)
-        return [keras.ops.convert_to_numpy(x) for x in inputs], (float(batchnorm_loss), float(class_loss))
+        return [keras.ops.convert_to_numpy(x) for x in inputs], (float(batchnorm_loss), float(class_loss)), ran

@@ -53,7 +53,7 @@ def test_squeeze_and_excitation_gates_are_signed_from_the_graph(data_free):
     by_name = {a.name: a for a in report.activations}
     # x * sigmoid(...) is signed for a BatchNorm x and unsigned for a ReLU x.
     assert (by_name["c_se_input_quantizer"].signed, by_name["c_se_relu_input_quantizer"].signed) == (True, False)
-    assert by_name["c_se_relu_input_quantizer"].rule == "propagated: product"
+    assert by_name["c_se_relu_input_quantizer"].rule == "propagated: product (2 steps from a normalization)"
 
 
 def test_data_free_statistics_of_activations_match_the_model(model):

@@ -297,7 +297,8 @@ def test_every_activation_form_becomes_the_right_quantizer(converted):
             assert getattr(layer, key) == pytest.approx(value), (name, key)
     # The fused activation is split out of its layer.
     assert keras.activations.serialize(model.get_layer("c_fused_relu").activation) == "linear"
-    assert _activation_report(report, "after_add_input_quantizer").rule == "propagated: add"
+    after_add = _activation_report(report, "after_add_input_quantizer")
+    assert after_add.rule == "propagated: add (1 step from a normalization)"
     assert _activation_report(report, "relu_layer").rule == "batchnorm -> relu"
     assert _activation_report(report, "c_fused_relu_relu").rule.startswith("propagated")
 
@@ -307,7 +308,7 @@ def test_rules_name_where_statistics_come_from(converted, calibration):
     rules = {a.name: a.rule for a in report.activations}
     assert rules["stem_relu"] == "batchnorm -> relu"
     assert rules["block1_relu1"] == "batchnorm -> relu"
-    assert rules["block1_relu2"] == "propagated: add -> relu"
+    assert rules["block1_relu2"] == "propagated: add -> relu (1 step from a normalization)"
     # The model input has no data-free statistics: the first layer reads float.
     stem = _activation_report(report, "stem_input_quantizer")
     assert stem.status == "float" and "calibration" in stem.reason

@@ -76,7 +76,7 @@ def test_batch_norms_fold_and_statistics_propagate_through_the_new_layers():
     # EinsumDense's input: the ReLU after the transposed convolution's folded BatchNorm (through a Reshape).
     assert rules["mix"] == "batchnorm -> relu"
     # Dense's input: propagated through the EinsumDense kernel and its ReLU.
-    assert rules["head"] == "propagated: dense -> relu"
+    assert rules["head"] == "propagated: dense -> relu (1 step from a normalization)"
 
 
 def test_empirical_bias_correction_lowers_the_output_error():

@@ -62,12 +62,12 @@ def test_activation_operations_become_quantized_activations(data_free):
     # keras.ops.relu and keras.ops.clip(x, 0, 6) feed quantized layers: replaced, unsigned.
     assert (by_name["relu"].kind, by_name["relu"].activation, by_name["relu"].signed) == ("activation", "relu", False)
     assert (by_name["clip"].kind, by_name["clip"].activation, by_name["clip"].signed) == ("activation", "relu6", False)
-    assert by_name["clip"].rule == "propagated: add -> clip"
+    assert by_name["clip"].rule == "propagated: add -> clip (1 step from a normalization)"
     assert isinstance(quantized.get_layer("relu"), kpq.PowerQuantActivation)
     # Signed or not from the graph: BatchNorm * gate is signed, relu * (relu6(x + 3) / 6) is not.
     assert by_name["c_signed_input_quantizer"].signed is True
     assert by_name["c_unsigned_input_quantizer"].signed is False
-    assert by_name["c_unsigned_input_quantizer"].rule == "propagated: product"
+    assert by_name["c_unsigned_input_quantizer"].rule == "propagated: product (2 steps from a normalization)"
     # keras.ops.mean over positions and the (approximate) gelu op have data-free statistics.
     assert by_name["gate_conv_input_quantizer"].status == "quantized"
     assert by_name["classifier_input_quantizer"].rule == "batchnorm -> gelu -> average pooling"

@@ -98,7 +98,7 @@ def test_both_kernels_quantized_with_their_own_exponent(calibrated, tmp_path):
     # input; without data, its range comes from the propagated statistics.
     quantizer = {a.name: a for a in report.activations}["sep_pointwise_input_quantizer"]
     assert quantizer.status == "quantized" and quantizer.bits == 4
-    assert quantizer.rule == ("calibration" if calibrated else "propagated: depthwise")
+    assert quantizer.rule == ("calibration" if calibrated else "propagated: depthwise (1 step from a normalization)")
 
     path = tmp_path / "separable.keras"
     converted.save(path)

@@ -79,11 +79,24 @@ class TensorStats:
             depends on them, see `tail_dof`), or None when they cannot be
             modelled.
         rule: how the statistics were obtained, for the report.
+        steps: how far they are from a normalization: the linear layers and
+            merges between the tensor and the last BatchNorm (or
+            LayerNormalization) output they were propagated from (0 right
+            after one), or None when they do not come from one. Each step
+            adds a modelling assumption (Gaussian sums, independent inputs).
     """
 
     gaussians: Optional[ChannelGaussians]
     sampler: Optional[Callable[[], np.ndarray]]
     rule: str
+    steps: Optional[int] = None
+
+    @property
+    def description(self):
+        """The rule with the distance from a normalization, for the report."""
+        if self.sampler is None or not self.steps:
+            return self.rule
+        return f"{self.rule} ({self.steps} step{'s' if self.steps > 1 else ''} from a normalization)"
 
     @classmethod
     def of_gaussians(cls, gaussians):
@@ -363,6 +376,23 @@ def propagate_statistics(graph, folds):
                 out = out.with_gaussians(None)
         else:
             out = TensorStats.unknown(f"unknown: no statistics rule for {kind.__name__} '{layer.name}'")
+        out = dataclasses.replace(out, steps=_steps(op, inputs, folds))
         for key in op.output_keys:
             stats[key] = out
     return stats
+
+
+def _steps(op, inputs, folds):
+    """`TensorStats.steps` of an op's output: 0 after a normalization, one more after a linear
+    layer or a merge than its inputs' largest, the input's through any other op."""
+    layer = op.layer
+    fold = folds.get(id(layer))
+    folded = fold is not None and fold.batch_norm is not None
+    if type(layer) in (L.BatchNormalization, L.LayerNormalization) or folded:
+        return 0
+    if not inputs or any(s.steps is None for s in inputs):
+        return None
+    farthest = max(s.steps for s in inputs)
+    if len(inputs) > 1 or (op.is_layer and linear_type(layer) is not None):
+        return farthest + 1
+    return farthest

@@ -159,7 +159,7 @@ def convert(
     }
     if request.synthetic is not None:
         resolved["synthetic"] = dataclasses.asdict(request.synthetic)
-    notes = [*request.notes, *inputs.notes]
+    notes = [*request.notes, *inputs.notes, *statistics.notes]
     notes += [f"layer '{name}' reused as is (its config does not round-trip)" for name in built.reused]
     report = conversion_report(
         analysis.graph, plan, analysis.folds, analysis.unfolded, resolved, notes, clock.total(), corrections,
@@ -184,7 +184,7 @@ def inspect_model(model, wbits=4, abits=4, quantize_first_last=False, first_last
     graph, folds, plan = analysis.graph, analysis.folds, analysis.plan
     stats = propagate_statistics(graph, folds)
     for quantizer in plan.quantizers.values():
-        quantizer.rule = stats[quantizer.key].rule
+        quantizer.rule = stats[quantizer.key].description
         if stats[quantizer.key].sampler is None:
             quantizer.reason = "no data-free statistics; needs calibration data"
     options = {
