@@ -226,6 +226,11 @@ class ConversionConfig:
             calibrated: whether calibration data (real or synthetic) is given.
             labelled: whether calibration labels are given.
         """
+        if self.data_free_fallback is not None and calibrated:
+            raise ValueError(
+                "`data_free_fallback` refits data-free statistics; with calibration data every quantizer is "
+                "fitted on it: pass one or the other."
+            )
         if self.bias_correction == "empirical" and not calibrated:
             raise ValueError("`bias_correction='empirical'` needs calibration data; none was given.")
         if self.refining and not calibrated:

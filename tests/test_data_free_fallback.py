@@ -149,6 +149,13 @@ def test_invalid_threshold_is_a_value_error(value):
         kpq.ConversionConfig(data_free_fallback=value)
 
 
+def test_the_fallback_with_calibration_data_is_refused_before_any_work():
+    model = _no_batch_norm_classifier()
+    data = np.zeros((4,) + tuple(model.inputs[0].shape[1:]), np.float32)
+    with pytest.raises(ValueError, match="`data_free_fallback` refits data-free statistics"):
+        kpq.convert(model, 8, 8, data_free_fallback=2, calibration_data=data)
+
+
 def test_cli_flag(tmp_path):
     path = tmp_path / "no_bn.keras"
     _no_batch_norm_classifier().save(path)
