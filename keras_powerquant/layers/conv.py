@@ -205,8 +205,29 @@ class PowerQuantConv3D(PowerQuantConv):
         super().__init__(3, filters, kernel_size, **kwargs)
 
 
+class PowerQuantBaseDepthwiseConv(PowerQuantBaseConv):
+    """What the depthwise convolutions share: a `(*kernel_size, in, depth_multiplier)` kernel.
+
+    Output channel `i * depth_multiplier + j` uses slice `[..., i, j]`, so
+    the two trailing kernel axes are the output channels (`channel_ndim`).
+    Subclasses set `spatial_rank` and implement `_convolve`.
+    """
+
+    channel_ndim = 2
+
+    def __init__(self, kernel_size, depth_multiplier=1, **kwargs):
+        super().__init__(self.spatial_rank, kernel_size, **kwargs)
+        self.depth_multiplier = int(depth_multiplier)
+
+    def kernel_shape(self, input_shape):
+        return self.kernel_size + (self._input_channels(input_shape), self.depth_multiplier)
+
+    def get_config(self):
+        return {**super().get_config(), "depth_multiplier": self.depth_multiplier}
+
+
 @keras.saving.register_keras_serializable(package="keras_powerquant")
-class PowerQuantDepthwiseConv2D(PowerQuantBaseConv):
+class PowerQuantDepthwiseConv2D(PowerQuantBaseDepthwiseConv):
     """Depthwise 2-D convolution whose kernel is stored as power-quantized codes.
 
     The kernel has shape `(kh, kw, in_channels, depth_multiplier)`; output
@@ -227,14 +248,7 @@ class PowerQuantDepthwiseConv2D(PowerQuantBaseConv):
         4-D, with `channels * depth_multiplier` channels.
     """
 
-    channel_ndim = 2
-
-    def __init__(self, kernel_size, depth_multiplier=1, **kwargs):
-        super().__init__(2, kernel_size, **kwargs)
-        self.depth_multiplier = int(depth_multiplier)
-
-    def kernel_shape(self, input_shape):
-        return self.kernel_size + (self._input_channels(input_shape), self.depth_multiplier)
+    spatial_rank = 2
 
     def _convolve(self, inputs, kernel):
         return tf.nn.depthwise_conv2d(
@@ -245,12 +259,9 @@ class PowerQuantDepthwiseConv2D(PowerQuantBaseConv):
             dilations=self.dilation_rate,
         )
 
-    def get_config(self):
-        return {**super().get_config(), "depth_multiplier": self.depth_multiplier}
-
 
 @keras.saving.register_keras_serializable(package="keras_powerquant")
-class PowerQuantDepthwiseConv1D(PowerQuantBaseConv):
+class PowerQuantDepthwiseConv1D(PowerQuantBaseDepthwiseConv):
     """Depthwise 1-D convolution whose kernel is stored as power-quantized codes.
 
     The kernel has shape `(k, in_channels, depth_multiplier)`; output
@@ -275,14 +286,7 @@ class PowerQuantDepthwiseConv1D(PowerQuantBaseConv):
         3-D, with `channels * depth_multiplier` channels.
     """
 
-    channel_ndim = 2
-
-    def __init__(self, kernel_size, depth_multiplier=1, **kwargs):
-        super().__init__(1, kernel_size, **kwargs)
-        self.depth_multiplier = int(depth_multiplier)
-
-    def kernel_shape(self, input_shape):
-        return self.kernel_size + (self._input_channels(input_shape), self.depth_multiplier)
+    spatial_rank = 1
 
     def _convolve(self, inputs, kernel):
         outputs = tf.nn.depthwise_conv2d(
@@ -293,6 +297,3 @@ class PowerQuantDepthwiseConv1D(PowerQuantBaseConv):
             dilations=2 * self.dilation_rate,
         )
         return tf.squeeze(outputs, 1)
-
-    def get_config(self):
-        return {**super().get_config(), "depth_multiplier": self.depth_multiplier}
