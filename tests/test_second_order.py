@@ -6,10 +6,12 @@ import pytest
 
 import keras_powerquant as kpq
 from keras_powerquant import refinement
+from keras_powerquant.quantization import second_order
 from keras_powerquant.quantization.second_order import gptq_codes
-from keras_powerquant.quantization.second_order import HessianAccumulator
-from keras_powerquant.quantization.second_order import output_error
+from keras_powerquant.quantization.second_order import least_squares_kernels
 from keras_powerquant.quantization.second_order import PowerGrid
+from keras_powerquant.quantization.second_order import target_error
+from keras_powerquant.quantization.second_order import TargetAccumulator
 from keras_powerquant.quantization.weights import WeightQuantizer
 from keras_powerquant.refinement.second_order import LayerFeatures
 
@@ -26,9 +28,15 @@ def _correlated(rows, size, seed=0):
 
 
 def _hessian(x, groups=1):
-    accumulator = HessianAccumulator(groups, x.shape[-1])
-    accumulator.add(x.reshape(x.shape[0], groups, -1))
-    return accumulator.hessian()
+    """`2 X^T X / rows` per group of the columns of `x`."""
+    grouped = np.transpose(x.reshape(x.shape[0], groups, -1), (1, 0, 2))
+    return 2.0 * np.matmul(np.transpose(grouped, (0, 2, 1)), grouped) / x.shape[0]
+
+
+def output_error(kernels, decoded, hessians):
+    """`tr((W - W_hat)^T H (W - W_hat))`: the layer-output error GPTQ minimises, up to a factor."""
+    error = kernels - decoded
+    return float(np.sum(error * np.matmul(hessians, error)))
 
 
 def _problem(size=48, outputs=24, bits=4, exponent=0.6, seed=0):
@@ -106,12 +114,69 @@ def test_dead_inputs_push_no_error_and_zero_scales_give_zero_codes():
     np.testing.assert_array_equal(np.delete(codes, dead, axis=1), alive)
 
 
-def test_streamed_hessian_equals_one_pass():
-    x = _correlated(100, 6)
-    streamed = HessianAccumulator(1, 6)
-    for start in range(0, 100, 17):
-        streamed.add(x[start : start + 17, None, :])
-    np.testing.assert_allclose(streamed.hessian(), 2 * (x.T @ x)[None] / 100, rtol=1e-5)
+def _paired_rows(rows=240, size=12, outputs=5, seed=0):
+    """Float-network rows `x`, quantized-network rows `x_q` (x plus an error), and a kernel."""
+    rng = np.random.default_rng(seed)
+    x = _correlated(rows, size, seed)
+    x_q = x + 0.2 * rng.normal(size=x.shape) + 0.1 * x[:, ::-1]
+    return x, x_q, rng.normal(size=(1, size, outputs))
+
+
+def test_streamed_target_moments_equal_one_pass():
+    x, x_q, kernel = _paired_rows()
+    y = x @ kernel[0]
+    streamed = TargetAccumulator(1, 12, 5)
+    for start in range(0, 240, 37):
+        streamed.add(x_q[start : start + 37, None, :], y[start : start + 37, None, :])
+    hessian, cross, energy = streamed.moments()
+    np.testing.assert_allclose(hessian, 2 * (x_q.T @ x_q)[None] / 240, rtol=1e-5)
+    np.testing.assert_allclose(cross, 2 * (x_q.T @ y)[None] / 240, rtol=1e-5)
+    np.testing.assert_allclose(energy, [2 * np.sum(y**2) / 240], rtol=1e-5)
+    halves = TargetAccumulator(1, 12, 5), TargetAccumulator(1, 12, 5)
+    halves[0].add(x_q[0::2, None], y[0::2, None])
+    halves[1].add(x_q[1::2, None], y[1::2, None])
+    for merged, whole in zip(halves[0].merged(halves[1]).moments(), streamed.moments()):
+        np.testing.assert_allclose(merged, whole, rtol=1e-5)
+    with pytest.raises(ValueError, match="Expected rows"):
+        streamed.add(x_q[:, None, :], y[:10, None, :])
+
+
+def test_target_error_is_the_error_against_the_float_output():
+    x, x_q, kernel = _paired_rows()
+    accumulator = TargetAccumulator(1, 12, 5)
+    accumulator.add(x_q[:, None, :], (x @ kernel[0])[:, None, :])
+    decoded = np.round(kernel * 4) / 4
+    direct = 2 * np.sum((x @ kernel[0] - x_q @ decoded[0]) ** 2) / 240
+    np.testing.assert_allclose(target_error(decoded, accumulator.moments()), direct, rtol=1e-6)
+
+
+def test_least_squares_kernels_fit_the_float_output_from_the_quantized_input():
+    x, x_q, kernel = _paired_rows()
+    accumulator = TargetAccumulator(1, 12, 5)
+    accumulator.add(x_q[:, None, :], (x @ kernel[0])[:, None, :])
+    moments = accumulator.moments()
+    fitted = least_squares_kernels(kernel, moments, damping=0.0)
+    expected, *_ = np.linalg.lstsq(x_q, x @ kernel[0], rcond=None)
+    np.testing.assert_allclose(fitted[0], expected, rtol=1e-4, atol=1e-6)
+    assert target_error(fitted, moments) < 0.8 * target_error(kernel, moments)
+    # Rounded on its grid, the least-squares target beats the kernel's own second-order codes.
+    grid = PowerGrid(4, 1.0, np.abs(kernel).max(axis=1))
+    whole = grid.with_scales(grid.scales[:, None, :])
+    own = whole.decode(gptq_codes(kernel, moments[0], grid))
+    corrected = whole.decode(gptq_codes(least_squares_kernels(kernel, moments), moments[0], grid))
+    assert target_error(corrected, moments) < target_error(own, moments)
+
+
+@pytest.mark.parametrize("size, groups", [(9, 40), (80, 2)])
+def test_inverse_cholesky_factors_the_inverse_hessian(size, groups):
+    # Small factors take the batched path, large ones LAPACK's triangular inverse.
+    hessians = np.stack([_hessian(_correlated(3 * size, size, seed))[0] for seed in range(groups)])
+    damped, _, mean = second_order._damped(hessians, 0.01)
+    upper = second_order._inverse_cholesky(damped, 0.01, mean)
+    assert np.allclose(np.tril(upper, -1), 0.0)
+    np.testing.assert_allclose(
+        np.matmul(np.transpose(upper, (0, 2, 1)), upper), np.linalg.inv(damped), rtol=1e-7, atol=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +272,11 @@ def test_gptq_lowers_the_layer_error_and_the_model_carries_its_codes(name, monke
     nearest, _ = kpq.convert(model, 4, 8, calibration_data=calibration, **OPTIONS)
     refined, report = kpq.convert(model, 4, 8, calibration_data=calibration, refine=["gptq"], **OPTIONS)
     (step,) = report.refinement
-    assert step["name"] == "gptq" and step["decisions"][0]["chosen"] == "second-order"
+    (decision,) = step["decisions"]
+    assert step["name"] == "gptq" and decision["chosen"] in ("second-order", "least-squares second-order")
+    assert decision[f"held_out_error_{decision['chosen'].replace(' ', '_').replace('-', '_')}"] < decision[
+        "held_out_error_nearest"
+    ]
     reference = np.asarray(model(test))
     errors = [float(np.mean((np.asarray(m(test)) - reference) ** 2)) for m in (nearest, refined)]
     assert errors[1] < errors[0]

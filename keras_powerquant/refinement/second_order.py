@@ -25,9 +25,10 @@ import numpy as np
 
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.second_order import gptq_codes
-from keras_powerquant.quantization.second_order import HessianAccumulator
-from keras_powerquant.quantization.second_order import output_error
+from keras_powerquant.quantization.second_order import least_squares_kernels
 from keras_powerquant.quantization.second_order import PowerGrid
+from keras_powerquant.quantization.second_order import target_error
+from keras_powerquant.quantization.second_order import TargetAccumulator
 from keras_powerquant.quantization.weights import channel_scales
 from keras_powerquant.refinement.settings import ExplicitCodes
 from keras_powerquant.refinement.steps import StepReport
@@ -174,6 +175,54 @@ def _layer_grid(features, kernel, setting):
     return PowerGrid(setting.bits, setting.exponent, grid_scales)
 
 
+def _read(reader, objective, batches):
+    """`(index, [layer inputs as numpy])` per batch, each batch's bias-correction means in place."""
+    for index, xs in enumerate(batches):
+        objective.use_batch(index)
+        outputs = reader(xs if len(xs) > 1 else xs[0], training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        yield index, [np.asarray(x) for x in outputs]
+
+
+def _layer_codes(features, matrices, grid, accumulators):
+    """`(decision, codes)` for one layer: the codes (PowerQuant kernel shape, int8), or None for nearest.
+
+    Candidates: nearest rounding, second-order rounding of the kernel on
+    the quantized network's inputs (GPTQ's target), and of the
+    least-squares kernel (the float network's layer output as target).
+    Each is fitted on the even rows and measured against the float layer's
+    output on the odd rows; the best is refitted on all rows.
+    """
+    whole = grid.with_scales(grid.scales[:, None, :])
+    fit, check = accumulators
+    check_moments = check.moments()
+
+    def candidate(kind, accumulator):
+        if kind == "nearest":
+            return whole.codes(matrices)
+        moments = accumulator.moments()
+        target = matrices if kind == "second-order" else least_squares_kernels(matrices, moments)
+        return gptq_codes(target, moments[0], grid)
+
+    errors = {
+        kind: target_error(whole.decode(candidate(kind, fit)), check_moments)
+        for kind in ("nearest", "second-order", "least-squares second-order")
+    }
+    chosen = min(errors, key=lambda kind: (errors[kind], kind != "nearest"))
+    decision = {
+        "groups": int(matrices.shape[0]),
+        "inputs": int(matrices.shape[1]),
+        "rows": int(fit.rows + check.rows),
+        **{f"held_out_error_{kind.replace(' ', '_').replace('-', '_')}": value for kind, value in errors.items()},
+        "chosen": chosen,
+    }
+    if chosen == "nearest":
+        return decision, None
+    codes = candidate(chosen, fit.merged(check))
+    decision["changed_fraction"] = float(np.mean(codes != whole.codes(matrices)))
+    return decision, features.kernel(codes).astype(np.int8)
+
+
 def gptq_step(context, settings):
     """Second-order (GPTQ) rounding of every quantized layer's kernel, on its grid as the settings give it.
 
@@ -212,57 +261,41 @@ def gptq_step(context, settings):
     current = settings
     done = 0
     for group in passes:
-        objective.assign(current)
         reader = keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
+        rows_per_batch = {
+            name: math.ceil(max(ROWS, 4 * features[name].hessian_shape[1]) / len(batches)) for name in group
+        }
+        kernels = {name: objective.kernel_layers[name].float_kernel.numpy() for name in group}
+        matrices = {name: features[name].matrices(kernels[name]).astype(np.float32) for name in group}
+        # The float layers' outputs first, at the positions the quantized network's rows are sampled at below.
+        objective.assign(current, quantized=False)
+        targets = {name: [] for name in group}
+        for index, outputs in _read(reader, objective, batches):
+            for name, x in zip(group, outputs):
+                rows = features[name].rows(x, rows_per_batch[name], np.random.default_rng((names.index(name), index)))
+                targets[name].append(np.einsum("rgn,gnk->rgk", rows, matrices[name]))
+        objective.assign(current)
         accumulators = {}
-        rngs = {}
         for name in group:
             groups, size = features[name].hessian_shape
-            accumulators[name] = (HessianAccumulator(groups, size), HessianAccumulator(groups, size))
-            rngs[name] = np.random.default_rng(names.index(name))
-        for index, xs in enumerate(batches):
-            objective.use_batch(index)
-            outputs = reader(xs if len(xs) > 1 else xs[0], training=False)
-            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            outputs = matrices[name].shape[-1]
+            accumulators[name] = (TargetAccumulator(groups, size, outputs), TargetAccumulator(groups, size, outputs))
+        for index, outputs in _read(reader, objective, batches):
             for name, x in zip(group, outputs):
-                size = features[name].hessian_shape[1]
-                count = math.ceil(max(ROWS, 4 * size) / len(batches))
-                rows = features[name].rows(np.asarray(x), count, rngs[name])
+                rows = features[name].rows(x, rows_per_batch[name], np.random.default_rng((names.index(name), index)))
+                target = targets[name][index]
                 # Even rows fit, odd rows check; the codes kept are fitted on all.
-                accumulators[name][0].add(rows[0::2])
-                accumulators[name][1].add(rows[1::2])
+                accumulators[name][0].add(rows[0::2], target[0::2])
+                accumulators[name][1].add(rows[1::2], target[1::2])
+                targets[name][index] = None
         for name in group:
-            setting = current.kernels[name]
-            kernel = objective.kernel_layers[name].float_kernel.numpy()
-            grid = _layer_grid(features[name], kernel, setting)
-            matrices = features[name].matrices(kernel).astype(np.float64)
-            fit, check = (a.hessian() for a in accumulators[name])
-            whole = grid.with_scales(grid.scales[:, None, :])
-            nearest = whole.codes(matrices)
-            near_decoded = whole.decode(nearest)
-            trial = gptq_codes(matrices, fit, grid)
-            trial_decoded = whole.decode(trial)
-            error_nearest = output_error(matrices, near_decoded, check)
-            error_trial = output_error(matrices, trial_decoded, check)
-            decision = {
-                "name": name,
-                "groups": int(matrices.shape[0]),
-                "inputs": int(matrices.shape[1]),
-                "rows": int(accumulators[name][0].rows + accumulators[name][1].rows),
-                "held_out_error_nearest": error_nearest,
-                "held_out_error_second_order": error_trial,
-            }
-            if error_trial < error_nearest:
-                total = accumulators[name][0].total + accumulators[name][1].total
-                rows = accumulators[name][0].rows + accumulators[name][1].rows
-                codes = gptq_codes(matrices, 2.0 * total / max(rows, 1), grid)
-                decision["chosen"] = "second-order"
-                decision["changed_fraction"] = float(np.mean(codes != nearest))
-                explicit = features[name].kernel(codes).astype(np.int8)
-                current = current.replace(codes={name: ExplicitCodes(setting, explicit)})
-            else:
-                decision["chosen"] = "nearest"
-            report.decisions.append(decision)
+            grid = _layer_grid(features[name], kernels[name], current.kernels[name])
+            decision, codes = _layer_codes(
+                features[name], matrices[name].astype(np.float64), grid, accumulators[name]
+            )
+            if codes is not None:
+                current = current.replace(codes={name: ExplicitCodes(current.kernels[name], codes)})
+            report.decisions.append({"name": name, **decision})
             done += 1
             context.report_progress("refine: gptq", done, len(done_names))
     final_loss = objective(current)
