@@ -19,7 +19,6 @@ from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.errors import ExportError
 from keras_powerquant.errors import PowerQuantError
 from keras_powerquant.limits import DECODE_WEIGHTS
-from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 from keras_powerquant.limits import DEFAULT_NUM_SAMPLES
 from keras_powerquant.limits import DEFAULT_REFINE_SAMPLES
 from keras_powerquant.limits import MAX_WARMUP_REQUESTS
@@ -182,8 +181,10 @@ def _float_parts(report):
 @click.option("--mean-bits", type=click.FloatRange(2, 8), help="Mixed precision: mean kernel bits per weight.")
 @click.option("--refine-samples", type=click.IntRange(min=1), default=DEFAULT_REFINE_SAMPLES, show_default=True,
               help="Calibration samples refinement evaluates the network on.")
-@click.option("--refine-evaluations", type=click.IntRange(min=0), default=DEFAULT_MAX_EVALUATIONS, show_default=True,
-              help="Network evaluations LAPQ's Powell search may spend.")
+@click.option("--refine-evaluations", type=click.IntRange(min=0),
+              help="Network evaluations LAPQ's Powell search may spend, with every grid and granularity candidate "
+              "tried. Default: the search steps share a budget scaled to the model's size (a few dozen "
+              "evaluations on a ResNet-50, every candidate on CIFAR-size models).")
 @click.option("--rounding-iterations", type=click.IntRange(min=0), default=ROUNDING_ITERATIONS, show_default=True,
               help="Gradient steps per layer of learned rounding (the refinement step 'rounding'); "
               "its time grows linearly with them.")

@@ -13,7 +13,6 @@ import numbers
 from typing import Optional
 
 from keras_powerquant.limits import DEFAULT_CALIBRATION_BATCH_SIZE
-from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 from keras_powerquant.limits import DEFAULT_REFINE_SAMPLES
 from keras_powerquant.limits import ROUNDING_ITERATIONS
 from keras_powerquant.quantization.search import DEFAULT_EXPONENT_BOUNDS
@@ -109,7 +108,13 @@ class ConversionConfig:
             per weight on average instead (a number in [2, 8]).
         refine_samples: calibration samples refinement evaluates on (a
             uniform random subsample, seed 0).
-        refine_evaluations: evaluation budget of LAPQ's Powell search.
+        refine_evaluations: None (default) to give the search steps
+            ("grid", "granularity", "lapq") a budget of network evaluations
+            scaled to the model's cost per evaluation
+            (`keras_powerquant.refinement.budget`: every candidate on
+            CIFAR-size models, a few dozen evaluations on a ResNet-50), or
+            an integer: LAPQ's Powell budget, with every grid and
+            granularity candidate tried whatever the model's size.
         rounding_iterations: gradient steps per layer of the "rounding"
             step (learned rounding, AdaRound-style).
         data_free_fallback: without calibration data, fit the activation
@@ -141,7 +146,7 @@ class ConversionConfig:
     target_size: object
     mean_bits: Optional[float]
     refine_samples: int
-    refine_evaluations: int
+    refine_evaluations: Optional[int]
     rounding_iterations: int
     data_free_fallback: Optional[int]
 
@@ -166,7 +171,7 @@ class ConversionConfig:
         target_size=None,
         mean_bits=None,
         refine_samples=DEFAULT_REFINE_SAMPLES,
-        refine_evaluations=DEFAULT_MAX_EVALUATIONS,
+        refine_evaluations=None,
         rounding_iterations=ROUNDING_ITERATIONS,
         data_free_fallback=None,
     ):
@@ -193,7 +198,9 @@ class ConversionConfig:
             "target_size": _check_target_size(target_size),
             "mean_bits": _check_mean_bits(mean_bits),
             "refine_samples": check_integer(refine_samples, "refine_samples", 1),
-            "refine_evaluations": check_integer(refine_evaluations, "refine_evaluations", 0),
+            "refine_evaluations": None
+            if refine_evaluations is None
+            else check_integer(refine_evaluations, "refine_evaluations", 0),
             "rounding_iterations": check_integer(rounding_iterations, "rounding_iterations", 0),
             "data_free_fallback": None
             if data_free_fallback is None

@@ -7,6 +7,7 @@ import pytest
 
 import keras_powerquant as kpq
 from keras_powerquant.refinement import holdout_split
+from keras_powerquant.refinement.budget import SearchBudget
 from keras_powerquant.refinement.settings import KernelSetting
 from keras_powerquant.refinement.settings import Settings
 from keras_powerquant.refinement.steps import _powell
@@ -338,7 +339,8 @@ def test_lapq_search_does_not_leave_a_coordinate_that_starts_on_its_bound():
         first, second = candidate.kernels["first"].clip_fraction, candidate.kernels["second"].clip_fraction
         return (0.0 if first == 1.0 else 0.5) + (second - 0.5) ** 2
 
-    context = RefinementContext(loss, None, {}, None, "uniform", (0.25, 1.0), True, 200, None)
+    budget = SearchBudget(None, None, 200, None, 0)
+    context = RefinementContext(loss, None, {}, None, "uniform", (0.25, 1.0), True, budget, None)
     best, best_loss, evaluations = _powell(context, settings, loss(settings))
     assert 0 < evaluations <= 200
     assert best.kernels["first"].clip_fraction == 1.0

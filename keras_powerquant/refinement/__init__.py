@@ -15,11 +15,14 @@ import numpy as np
 from keras_powerquant.limits import HOLDOUT_EVERY
 from keras_powerquant.limits import MIN_HOLDOUT
 from keras_powerquant.quantization.search import ActivationErrorModel
+from keras_powerquant.refinement.budget import multiply_accumulates
+from keras_powerquant.refinement.budget import search_budget
 from keras_powerquant.refinement.data import check_labels
 from keras_powerquant.refinement.data import in_memory_size
 from keras_powerquant.refinement.data import InputReservoir
 from keras_powerquant.refinement.objective import NetworkObjective
 from keras_powerquant.refinement.second_order import gptq_step
+from keras_powerquant.refinement.second_order import LayerFeatures
 from keras_powerquant.refinement.settings import apply_settings
 from keras_powerquant.refinement.settings import KernelFitter
 from keras_powerquant.refinement.settings import Settings
@@ -39,6 +42,8 @@ STEPS = {
     "gptq": gptq_step,
     "rounding": rounding_step,
 }
+# The steps that search on the network loss and share the `SearchBudget`.
+SEARCH_STEPS = ("grid", "granularity", "lapq")
 
 __all__ = ["InputReservoir", "Refinement", "refine_plan", "size_budget", "weight_bytes"]
 
@@ -152,23 +157,28 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
             }
         return models_by_norm[p]
 
+    settings = Settings.from_plan(plan, config.per_channel)
+    search = _search_budget(objective, plan, settings, config)
     context = RefinementContext(
         objective, plan, fitters, activation_models, config.method, config.exponent_bounds, config.fast_activations,
-        config.refine_evaluations, progress,
+        search, progress,
     )
-    settings = Settings.from_plan(plan, config.per_channel)
     reports = []
     run = [("bits", lambda c, s: bits_step(c, s, budget))] if budget is not None else []
     run += [
         (name, (lambda c, s: rounding_step(c, s, config.rounding_iterations)) if name == "rounding" else STEPS[name])
         for name in config.refine
     ]
+    # The held-out loss of the settings standing, carried from one step's check to the next.
+    holdout_current = None
     for name, step in run:
         started, evaluations = time.perf_counter(), objective.evaluations
-        holdout_before = objective.holdout_loss(settings)
+        holdout_before = objective.holdout_loss(settings) if holdout_current is None else holdout_current
         refined, report = step(context, settings)
         report.seconds = time.perf_counter() - started
         report.evaluations = objective.evaluations - evaluations
+        if name in SEARCH_STEPS:
+            report.notes.append(search.describe())
         # `bits` trades loss for size by design: its result stands.
         if holdout_before is not None and name != "bits":
             report.holdout_loss_before = holdout_before
@@ -180,10 +190,32 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
                     "the step's result is discarded"
                 )
                 refined = settings
+            holdout_current = report.holdout_loss_after if report.kept else holdout_before
+        else:
+            holdout_current = None
         settings = refined
         reports.append(report)
     apply_settings(plan, settings, fitters, activation_models(2.0))
     return Refinement(plan, reports, objective.bias_shifts(settings))
+
+
+def _search_budget(objective, plan, settings, config):
+    """The `SearchBudget` of the search steps, from the cost of one evaluation of `objective`."""
+    layer_plans = {p.layer.name: p for p in plan.layers.values()}
+    total = 0
+    for name, layer in objective.kernel_layers.items():
+        features = LayerFeatures(layer_plans[name].layer, layer.float_kernel.shape)
+        tensor = layer.input if features.reason is not None else layer.output
+        total += multiply_accumulates(features, tensor.shape)
+    power = config.method == "powerquant"
+    needs = {
+        "grid": power * (
+            sum(s.exponent != 1.0 for s in settings.kernels.values())
+            + sum(s.exponent != 1.0 for s in settings.activations.values())
+        ),
+        "granularity": sum(bool(s.per_channel) for s in settings.kernels.values()),
+    }
+    return search_budget(total, objective.size, needs, config.refine_evaluations)
 
 
 def holdout_split(count):

@@ -84,7 +84,7 @@ class RefinementContext:
         method: "powerquant" or "uniform".
         exponent_bounds: the exponent search interval.
         fast_activations: activation exponents restricted to 1, 1/2, 1/4.
-        max_evaluations: Powell's evaluation budget.
+        budget: the search steps' `SearchBudget` (`refinement.budget`).
         progress: `progress(stage, done, total)` or None.
     """
 
@@ -97,7 +97,7 @@ class RefinementContext:
         method,
         exponent_bounds,
         fast_activations,
-        max_evaluations,
+        budget,
         progress,
     ):
         self.objective = objective
@@ -107,7 +107,7 @@ class RefinementContext:
         self.method = method
         self.exponent_bounds = tuple(float(b) for b in exponent_bounds)
         self.fast_activations = fast_activations
-        self.max_evaluations = int(max_evaluations)
+        self.budget = budget
         self.progress = progress
 
     @property
@@ -120,7 +120,14 @@ class RefinementContext:
 
 
 def grid_step(context, settings):
-    """Chooses `a*` or `a = 1` per layer and activation quantizer on the network loss."""
+    """Chooses `a*` or `a = 1` per layer and activation quantizer on the network loss.
+
+    Starts from the better of the all-uniform and the all-power model and
+    flips one layer or quantizer at a time to the other grid, keeping each
+    flip that lowers the loss, so the result is never worse on it than
+    either. With a scaled budget (`context.budget.grid`), the first that
+    many flips are tried and the rest keep the starting grid.
+    """
     loss = context.objective
     start_loss = loss(settings)
     report = StepReport("grid", start_loss, start_loss)
@@ -138,40 +145,40 @@ def grid_step(context, settings):
             key: type(s)(context.plan.quantizers[key].fit.uniform_clip, 1.0) for key, s in settings.activations.items()
         },
     )
-    current, current_loss = uniform, loss(uniform)
-    report.notes.append(f"all-uniform loss {current_loss:.6g}, all-power loss {start_loss:.6g}")
-    items = [("weights", name) for name in settings.kernels] + [("activation", key) for key in settings.activations]
-    for done, (kind, item) in enumerate(items, start=1):
+    uniform_loss = loss(uniform)
+    report.notes.append(f"all-uniform loss {uniform_loss:.6g}, all-power loss {start_loss:.6g}")
+    start_power = start_loss <= uniform_loss
+    current, current_loss = (settings, start_loss) if start_power else (uniform, uniform_loss)
+    other = uniform if start_power else settings
+    items = [("weights", name) for name, s in settings.kernels.items() if s.exponent != 1.0]
+    items += [("activation", key) for key, s in settings.activations.items() if s.exponent != 1.0]
+    limit = len(items) if context.budget.grid is None else min(len(items), context.budget.grid)
+    if limit < len(items):
+        start = "power" if start_power else "uniform"
+        report.notes.append(f"budget: {limit} of {len(items)} flips tried; the rest keep the {start} grid")
+    for done, (kind, item) in enumerate(items[:limit], start=1):
         if kind == "weights":
-            power_setting = settings.kernels[item]
-            if power_setting.exponent == 1.0:
-                continue
-            candidate = current.replace(kernels={item: power_setting})
-            name = item
+            candidate = current.replace(kernels={item: other.kernels[item]})
+            name, exponent = item, settings.kernels[item].exponent
         else:
-            power_setting = settings.activations[item]
-            if power_setting.exponent == 1.0:
-                continue
-            candidate = current.replace(activations={item: power_setting})
-            name = context.plan.quantizers[item].name
+            candidate = current.replace(activations={item: other.activations[item]})
+            name, exponent = context.plan.quantizers[item].name, settings.activations[item].exponent
         candidate_loss = loss(candidate)
-        chosen = candidate_loss < current_loss
+        flipped = candidate_loss < current_loss
+        power_chosen = start_power != flipped
         report.decisions.append(
             {
                 "kind": kind,
                 "name": name,
-                "power_exponent": power_setting.exponent,
-                "loss_uniform": current_loss,
-                "loss_power": candidate_loss,
-                "chosen": "power" if chosen else "uniform",
+                "power_exponent": exponent,
+                "loss_before": current_loss,
+                "loss_flipped": candidate_loss,
+                "chosen": "power" if power_chosen else "uniform",
             }
         )
-        if chosen:
+        if flipped:
             current, current_loss = candidate, candidate_loss
-        context.report_progress("refine: grid", done, len(items))
-    if start_loss <= current_loss:
-        report.notes.append("the all-power per-layer fit has the lowest loss: kept")
-        return settings, report
+        context.report_progress("refine: grid", done, limit)
     report.loss_after = current_loss
     return current, report
 
@@ -182,6 +189,11 @@ def granularity_step(context, settings):
     current_loss = loss(settings)
     report = StepReport("granularity", current_loss, current_loss)
     names = [name for name, s in settings.kernels.items() if s.per_channel]
+    if context.budget.granularity is not None and context.budget.granularity < len(names):
+        report.notes.append(
+            f"budget: {context.budget.granularity} of {len(names)} layers tried; the rest stay per-channel"
+        )
+        names = names[: context.budget.granularity]
     for done, name in enumerate(names, start=1):
         setting = settings.kernels[name]
         candidate_setting = _refit(context, name, dataclasses.replace(setting, per_channel=False))
@@ -313,10 +325,10 @@ def _powell(context, settings, settings_loss):
         count[0] += 1
         if value < best["loss"]:
             best.update(loss=value, settings=candidate)
-        context.report_progress("refine: lapq", count[0], context.max_evaluations)
+        context.report_progress("refine: lapq", count[0], context.budget.powell)
         return value
 
-    if not coordinates or context.max_evaluations <= 0:
+    if not coordinates or context.budget.powell <= 0:
         return settings, settings_loss, 0
     # Not Powell's `bounds`: scipy's bounded line search returns the best
     # interior point it tried even when that is worse than where the line
@@ -332,7 +344,7 @@ def _powell(context, settings, settings_loss):
         x0,
         method="Powell",
         options={
-            "maxfev": context.max_evaluations,
+            "maxfev": context.budget.powell,
             "xtol": 1e-2,
             "ftol": 1e-4,
             "direc": np.eye(len(coordinates)) * _POWELL_STEP,
