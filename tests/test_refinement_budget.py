@@ -73,8 +73,8 @@ def test_a_scaled_budget_bounds_the_grid_and_granularity_steps(monkeypatch):
     expected = search_budget(1, 1, {"grid": 10**6, "granularity": 10**6}, None)
     # The test model has 9 grid candidates and 7 layers, more than either step's share.
     assert len(grid["decisions"]) == expected.grid < 9
-    assert f"budget: {expected.grid} of 9 flips tried; the rest keep the power grid" in grid["notes"]
-    # The step's own evaluations: its start, the all-uniform model, one per flip tried.
+    assert f"budget: {expected.grid} of 9 switches tried; the rest stay uniform" in grid["notes"]
+    # The step's own evaluations: its start, the all-uniform model, one per switch tried.
     assert grid["evaluations"] == expected.grid + 2
     assert len(granularity["decisions"]) == expected.granularity < 7
     assert f"budget: {expected.granularity} of 7 layers tried; the rest stay per-channel" in granularity["notes"]
@@ -92,5 +92,5 @@ def test_grid_decisions_never_end_above_the_better_of_all_power_and_all_uniform(
         (grid,) = report.refinement
         uniform_loss = float(grid["notes"][0].split()[2].rstrip(","))
         assert grid["loss_after"] <= min(grid["loss_before"], uniform_loss) + 1e-12
-        losses = [d["loss_before"] for d in grid["decisions"]] + [grid["loss_after"]]
+        losses = [d["loss_uniform"] for d in grid["decisions"]] + [grid["loss_after"]]
         assert np.all(np.diff(losses) <= 1e-12)

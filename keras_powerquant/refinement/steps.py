@@ -122,11 +122,11 @@ class RefinementContext:
 def grid_step(context, settings):
     """Chooses `a*` or `a = 1` per layer and activation quantizer on the network loss.
 
-    Starts from the better of the all-uniform and the all-power model and
-    flips one layer or quantizer at a time to the other grid, keeping each
-    flip that lowers the loss, so the result is never worse on it than
-    either. With a scaled budget (`context.budget.grid`), the first that
-    many flips are tried and the rest keep the starting grid.
+    Greedy from the all-uniform model: one layer or quantizer at a time
+    switches to its power fit, and keeps it if the loss drops; the result
+    is the better of that and the all-power fit, so it is never worse on
+    the loss than uniform. With a scaled budget (`context.budget.grid`),
+    the first that many switches are tried and the rest stay uniform.
     """
     loss = context.objective
     start_loss = loss(settings)
@@ -145,40 +145,40 @@ def grid_step(context, settings):
             key: type(s)(context.plan.quantizers[key].fit.uniform_clip, 1.0) for key, s in settings.activations.items()
         },
     )
-    uniform_loss = loss(uniform)
-    report.notes.append(f"all-uniform loss {uniform_loss:.6g}, all-power loss {start_loss:.6g}")
-    start_power = start_loss <= uniform_loss
-    current, current_loss = (settings, start_loss) if start_power else (uniform, uniform_loss)
-    other = uniform if start_power else settings
+    current, current_loss = uniform, loss(uniform)
+    report.notes.append(f"all-uniform loss {current_loss:.6g}, all-power loss {start_loss:.6g}")
     items = [("weights", name) for name, s in settings.kernels.items() if s.exponent != 1.0]
     items += [("activation", key) for key, s in settings.activations.items() if s.exponent != 1.0]
     limit = len(items) if context.budget.grid is None else min(len(items), context.budget.grid)
     if limit < len(items):
-        start = "power" if start_power else "uniform"
-        report.notes.append(f"budget: {limit} of {len(items)} flips tried; the rest keep the {start} grid")
+        report.notes.append(f"budget: {limit} of {len(items)} switches tried; the rest stay uniform")
     for done, (kind, item) in enumerate(items[:limit], start=1):
         if kind == "weights":
-            candidate = current.replace(kernels={item: other.kernels[item]})
-            name, exponent = item, settings.kernels[item].exponent
+            power_setting = settings.kernels[item]
+            candidate = current.replace(kernels={item: power_setting})
+            name = item
         else:
-            candidate = current.replace(activations={item: other.activations[item]})
-            name, exponent = context.plan.quantizers[item].name, settings.activations[item].exponent
+            power_setting = settings.activations[item]
+            candidate = current.replace(activations={item: power_setting})
+            name = context.plan.quantizers[item].name
         candidate_loss = loss(candidate)
-        flipped = candidate_loss < current_loss
-        power_chosen = start_power != flipped
+        chosen = candidate_loss < current_loss
         report.decisions.append(
             {
                 "kind": kind,
                 "name": name,
-                "power_exponent": exponent,
-                "loss_before": current_loss,
-                "loss_flipped": candidate_loss,
-                "chosen": "power" if power_chosen else "uniform",
+                "power_exponent": power_setting.exponent,
+                "loss_uniform": current_loss,
+                "loss_power": candidate_loss,
+                "chosen": "power" if chosen else "uniform",
             }
         )
-        if flipped:
+        if chosen:
             current, current_loss = candidate, candidate_loss
         context.report_progress("refine: grid", done, limit)
+    if start_loss <= current_loss:
+        report.notes.append("the all-power per-layer fit has the lowest loss: kept")
+        return settings, report
     report.loss_after = current_loss
     return current, report
 
