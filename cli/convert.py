@@ -170,7 +170,7 @@ def _float_parts(report):
     default=None,
     metavar="[STEPS]",
     help="Loss-aware refinement on the calibration data after the per-layer fit: alone, the recommended "
-    "steps (grid, granularity, lapq, rounding); or comma-separated step names (also: gptq, second-order rounding).",
+    "steps (grid, granularity, lapq, gptq); or comma-separated step names (also: rounding, learned rounding).",
 )
 @click.option("--calibration-labels", type=click.Path(exists=True, dir_okay=False),
               help="Integer labels of the calibration samples (.npy, or .npz array 'y'): refinement minimises "

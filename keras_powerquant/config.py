@@ -23,11 +23,11 @@ METHODS = ("powerquant", "uniform")
 SCOPES = ("layer", "network")
 # True picks "empirical" with calibration data, "analytic" without.
 BIAS_CORRECTION_MODES = (True, False, "analytic", "empirical")
-# Every refinement step, in the order `refine=True` runs them.
-# What `refine=True` runs. Second-order rounding ("gptq") is an option until
-# its benchmarks (issue 19) show it at or above learned rounding everywhere.
-REFINEMENT_STEPS = ("grid", "granularity", "lapq", "rounding")
-KNOWN_STEPS = REFINEMENT_STEPS + ("gptq",)
+# What `refine=True` runs, in order: second-order rounding ("gptq") rather
+# than learned rounding, which takes hours on a CPU for an ImageNet-size
+# model (docs/method.md §10, benchmarks/second_order.json).
+REFINEMENT_STEPS = ("grid", "granularity", "lapq", "gptq")
+KNOWN_STEPS = REFINEMENT_STEPS + ("rounding",)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -88,15 +88,15 @@ class ConversionConfig:
             integer >= 1, or None for all).
         refine: loss-aware refinement after the per-layer fit (needs
             calibration data): True runs the recommended steps ("grid",
-            "granularity", "lapq", "rounding"), a list runs the steps
+            "granularity", "lapq", "gptq"), a list runs the steps
             named. "grid" picks `a*` or `a = 1` per layer and activation by
             the network loss (never worse than uniform on it),
             "granularity" per-tensor scales where they cost nothing, "lapq"
-            LAPQ's joint Powell search over clips and exponents, "rounding"
-            learned rounding (AdaRound; gradient steps, slow on a CPU),
-            "gptq" second-order rounding (GPTQ on the layer's own grid, see
-            `keras_powerquant.refinement.second_order`).
-            See `keras_powerquant.refinement` and docs/method.md §8.
+            LAPQ's joint Powell search over clips and exponents, "gptq"
+            second-order rounding (GPTQ on the layer's own grid, see
+            `keras_powerquant.refinement.second_order`), "rounding"
+            learned rounding (AdaRound; gradient steps, slow on a CPU).
+            See `keras_powerquant.refinement` and docs/method.md §8, §10.
             Stored as the tuple of step names.
         target_size: mixed precision: weight bits per layer (2..8) chosen
             by loss sensitivity per byte so that the converted model's
