@@ -302,3 +302,14 @@ def test_conv2d_transpose_is_rounded_to_nearest_with_a_stated_reason():
     (step,) = report.refinement
     assert any("up:" in note and "transposed convolution" in note for note in step["notes"])
     assert [d["name"] for d in step["decisions"]] == ["after"]
+
+
+def test_rows_per_layer_are_bounded_in_bytes_but_never_below_four_per_input():
+    from keras_powerquant.refinement import second_order as step
+
+    # A plain convolution keeps ROWS; a wide depthwise one (1,536 channels x 25 taps) stays within ROW_BYTES.
+    assert step.row_count(1, 576) == step.ROWS
+    wide = step.row_count(1536, 25)
+    assert 4 * 25 <= wide < step.ROWS and 4 * 1536 * 25 * wide <= step.ROW_BYTES
+    # A kernel with more inputs than the byte bound allows still gets 4 rows per input.
+    assert step.row_count(1, 4608) == 4 * 4608

@@ -15,8 +15,9 @@ groups of at most `ceil(layers / MAX_PASSES)` (and at most
 `PASS_BYTES` of inputs per batch): one pass reads the inputs of a whole
 group, so a layer sees the second-order codes of the groups before its
 own and nearest rounding within it. Convolution rows are a seeded uniform
-sample of output positions, at most `max(ROWS, 4 n)` per layer (`n`
-inputs of its linear map).
+sample of output positions, `row_count` per layer: `ROWS`, fewer where
+they would exceed `ROW_BYTES`, never fewer than `4 n` (`n` inputs of its
+linear map).
 """
 
 import math
@@ -37,8 +38,17 @@ from keras_powerquant.refinement.steps import StepReport
 MAX_PASSES = 16
 # A pass holds at most this many bytes of layer inputs per batch.
 PASS_BYTES = 1 << 30
-# Rows of `X` per layer: at least this many (where the data has them), and 4 per input of the linear map.
+# Rows of `X` per layer: this many (where the data has them), fewer where they
+# would take more than ROW_BYTES, and never fewer than 4 per input of the linear map.
 ROWS = 16384
+# A depthwise layer's rows hold every channel: 16,384 rows of 1,536 channels x
+# 25 taps are 2.5 GB, and a pass of them ran a 24 GB machine out of memory.
+ROW_BYTES = 1 << 28
+
+
+def row_count(groups, size):
+    """Rows of `X` sampled for a layer with `groups` Hessians of `size` inputs each."""
+    return max(4 * size, min(ROWS, ROW_BYTES // (4 * groups * size)))
 
 
 class LayerFeatures:
@@ -263,7 +273,7 @@ def gptq_step(context, settings):
     for group in passes:
         reader = keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
         rows_per_batch = {
-            name: math.ceil(max(ROWS, 4 * features[name].hessian_shape[1]) / len(batches)) for name in group
+            name: math.ceil(row_count(*features[name].hessian_shape) / len(batches)) for name in group
         }
         kernels = {name: objective.kernel_layers[name].float_kernel.numpy() for name in group}
         matrices = {name: features[name].matrices(kernels[name]).astype(np.float32) for name in group}
