@@ -14,12 +14,15 @@ What is measured (first and last layers at 8 bits, the defaults; 2 CPU cores):
   `EFFICIENTNET_CALIBRATION` for calibration, the other 394 for testing
   (paired); no refinement and `refine=True`, with the time of each stage
   and step.
+- EfficientNet-Lite2 W4/A8 PowerQuant from synthetic inputs alone
+  (`calibration_data="synthetic"`, `refine=True`): top-1 on all 650
+  images against float, paired, and the time of each stage.
 - ResNet-50 (`keras.applications`, weights=None, seeded) W4/A4 on 256
   random images: the time of `refine=True`, per stage and step.
 
 `python benchmarks/second_order.py [--quick] [--json benchmarks/second_order.json]`
 (`--quick`: ResNet-8 only). `KPQ_BENCHMARK_PARTS=resnet8,efficientnet,resnet50`
-picks parts.
+picks parts (also `efficientnet_synthetic`).
 """
 
 import os
@@ -105,6 +108,30 @@ def _efficientnet():
     return result
 
 
+def _efficientnet_synthetic():
+    """W4/A8 PowerQuant from synthetic inputs alone (issue 20): no real image calibrates, all 650 test."""
+    model = kpq.load_model(common.shared_file(EFFICIENTNET_FILE))
+    x, y = calibration_time.imagenet()
+    float_hits = common.top1_hits(model, x, y)
+    started = time.perf_counter()
+    quantized, report = kpq.convert(model, 4, 8, calibration_data="synthetic", refine=True)
+    seconds = time.perf_counter() - started
+    hits = common.top1_hits(quantized, x, y)
+    return {
+        "model": "EfficientNet-Lite2",
+        "bits": "W4/A8",
+        "method": "powerquant",
+        "calibration": "synthetic (keras_powerquant.synthesis defaults)",
+        "images": int(len(y)),
+        "float_top1": float(float_hits.mean()),
+        "top1": float(hits.mean()),
+        "vs_float": _paired(hits, float_hits),
+        "convert_seconds": seconds,
+        "stage_seconds": report.seconds,
+        "steps": _steps(report),
+    }
+
+
 def _resnet50():
     model = common.load_benchmark_model("resnet50")
     images = common.random_inputs("resnet50", model, RESNET50_IMAGES)
@@ -121,7 +148,12 @@ def _resnet50():
     }
 
 
-PARTS = {"resnet8": _resnet8, "efficientnet": _efficientnet, "resnet50": _resnet50}
+PARTS = {
+    "resnet8": _resnet8,
+    "efficientnet": _efficientnet,
+    "efficientnet_synthetic": _efficientnet_synthetic,
+    "resnet50": _resnet50,
+}
 
 
 def run(quick=False):
@@ -147,6 +179,18 @@ def markdown(result):
     for name, part in result["parts"].items():
         if "skipped" in part:
             lines += [f"{name}: skipped ({part['skipped']})", ""]
+            continue
+        if name == "efficientnet_synthetic":
+            pair = part["vs_float"]
+            lines += [
+                f"### {part['model']} {part['bits']} from synthetic inputs, `refine=True`, {part['images']} images",
+                "",
+                f"Float {part['float_top1'] * 100:.2f}%, quantized {part['top1'] * 100:.2f}% "
+                f"({pair['difference'] * 100:+.2f} ± {pair['stderr'] * 100:.2f}, p = {pair['mcnemar_p']:.2g}); "
+                f"`convert` {part['convert_seconds']:.0f} s. Stages: "
+                + ", ".join(f"{k} {v:.0f} s" for k, v in part["stage_seconds"].items()) + ".",
+                "",
+            ]
             continue
         if name == "resnet50":
             steps = ", ".join(f"{step['name']} {step['seconds']:.0f} s ({step['evaluations']} evaluations)"

@@ -39,8 +39,8 @@ def _bias_correction(bits, method):
 
 
 def _refinement(method):
-    rows = _json("refinement.json")["models"][0]["rows"]
-    (row,) = [r for r in rows if r["stage"] == "+ rounding (refine=True)" and r["method"] == method]
+    rows = _json("second_order.json")["parts"]["resnet8"]["rows"]
+    (row,) = [r for r in rows if r["refine"].startswith("refine=True") and r["method"] == method]
     return 100.0 * row["top1"]
 
 
