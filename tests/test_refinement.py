@@ -191,7 +191,7 @@ def test_refinement_is_deterministic_and_the_result_serves_in_a_fresh_process(re
     for a, b in zip(_weights(runs[0][0]), _weights(runs[1][0])):
         np.testing.assert_array_equal(a, b)
     quantized, report = runs[0]
-    assert [step["name"] for step in report.refinement] == ["grid", "granularity", "lapq", "rounding"]
+    assert [step["name"] for step in report.refinement] == ["grid", "granularity", "lapq", "gptq"]
     result = kpq.export_model(quantized, tmp_path / "export", report=report, float_model=model)
     outputs = _serve_in_fresh_process(result.saved_model_dir, {"image": x[:8]}, tmp_path)
     np.testing.assert_allclose(next(iter(outputs.values())), _predict(quantized, x[:8]), atol=1e-5)
