@@ -204,12 +204,13 @@ def _layer_codes(features, matrices, grid, accumulators):
     output on the odd rows; the best is refitted on all rows.
     """
     whole = grid.with_scales(grid.scales[:, None, :])
+    nearest = whole.codes(matrices)
     fit, check = accumulators
     check_moments = check.moments()
 
     def candidate(kind, accumulator):
         if kind == "nearest":
-            return whole.codes(matrices)
+            return nearest
         moments = accumulator.moments()
         target = matrices if kind == "second-order" else least_squares_kernels(matrices, moments)
         return gptq_codes(target, moments[0], grid)
@@ -229,7 +230,7 @@ def _layer_codes(features, matrices, grid, accumulators):
     if chosen == "nearest":
         return decision, None
     codes = candidate(chosen, fit.merged(check))
-    decision["changed_fraction"] = float(np.mean(codes != whole.codes(matrices)))
+    decision["changed_fraction"] = float(np.mean(codes != nearest))
     return decision, features.kernel(codes).astype(np.int8)
 
 
