@@ -131,8 +131,12 @@ def convert_variant(model, wbits, abits, variant, **options):
     return kpq.convert(model, wbits, abits, **VARIANTS[variant], **options)
 
 
-def top1_hits(model, x, y, batch_size=256):
-    """Per image: is the in-memory Keras model's top-1 class the label `y`."""
+def top1_hits(model, x, y, batch_size=32):
+    """Per image: is the in-memory Keras model's top-1 class the label `y`.
+
+    Batches of 32: an eager call holds its intermediate tensors, and 256
+    EfficientNet-Lite2 images at 224x224 took over 24 GB.
+    """
     batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
     scores = np.concatenate([np.asarray(model(batch, training=False)) for batch in batches])
     return np.argmax(scores, axis=1) == y

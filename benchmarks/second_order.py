@@ -25,6 +25,7 @@ What is measured (first and last layers at 8 bits, the defaults; 2 CPU cores):
 picks parts (also `efficientnet_synthetic`).
 """
 
+import gc
 import os
 import pathlib
 import sys
@@ -73,6 +74,9 @@ def _accuracy_rows(name, model, x, y, calibration, rows, configurations):
     for bits in configurations:
         for method in METHODS:
             for label, refine in rows:
+                # The last conversion's model and graphs go before the next starts: ImageNet-size ones take GBs.
+                quantized = report = None
+                gc.collect()
                 started = time.perf_counter()
                 quantized, report = kpq.convert(model, bits[0], bits[1], method, calibration_data=calibration,
                                                 refine=refine)

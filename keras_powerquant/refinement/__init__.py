@@ -15,6 +15,7 @@ import numpy as np
 from keras_powerquant.limits import HOLDOUT_EVERY
 from keras_powerquant.limits import MIN_HOLDOUT
 from keras_powerquant.quantization.search import ActivationErrorModel
+from keras_powerquant.refinement.budget import activation_values
 from keras_powerquant.refinement.budget import multiply_accumulates
 from keras_powerquant.refinement.budget import search_budget
 from keras_powerquant.refinement.data import check_labels
@@ -200,13 +201,18 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
 
 
 def _search_budget(objective, plan, settings, config):
-    """The `SearchBudget` of the search steps, from the cost of one evaluation of `objective`."""
+    """The `SearchBudget` of the search steps, from the cost of one evaluation of `objective` (products and activation values)."""
     layer_plans = {p.layer.name: p for p in plan.layers.values()}
     total = 0
     for name, layer in objective.kernel_layers.items():
         features = LayerFeatures(layer_plans[name].layer, layer.float_kernel.shape)
         tensor = layer.input if features.reason is not None else layer.output
         total += multiply_accumulates(features, tensor.shape)
+    values = sum(
+        activation_values(layer.output.shape)
+        for key, layer in objective.activation_layers.items()
+        if plan.quantizers[key].quantized
+    )
     power = config.method == "powerquant"
     needs = {
         "grid": power * (
@@ -215,7 +221,7 @@ def _search_budget(objective, plan, settings, config):
         ),
         "granularity": sum(bool(s.per_channel) for s in settings.kernels.values()),
     }
-    return search_budget(total, objective.size, needs, config.refine_evaluations)
+    return search_budget(total, objective.size, needs, config.refine_evaluations, values)
 
 
 def holdout_split(count):

@@ -9,9 +9,14 @@ needs take hours on a 2-core CPU while a CIFAR-size model needs seconds.
 
 By default (`refine_evaluations=None`) the three steps therefore share
 `SEARCH_MULTIPLY_ACCUMULATES`: the evaluations they may make are that
-divided by the multiply-accumulates of one evaluation (the quantized
-layers' per sample, times the samples fitted on), never fewer than
-`MIN_SEARCH_EVALUATIONS`. A count, not a clock: the same model and
+divided by the cost of one evaluation, never fewer than
+`MIN_SEARCH_EVALUATIONS`. The cost is counted in multiply-accumulates per
+sample, times the samples fitted on: the quantized layers' products, plus
+`ACTIVATION_VALUE_COST` for each value an activation quantizer rounds (a
+CPU spends about as long on one fake-quantized value, a dozen elementwise
+operations bound by memory, as on that many products in a convolution;
+without it a model of depthwise blocks, with few products per value, would
+be budgeted three times the time of a ResNet of the same count). A count, not a clock: the same model and
 subsample get the same budget on every machine, so results stay
 deterministic. Where the budget is short, `grid` and `granularity` get at
 most `GRID_SHARE` and `GRANULARITY_SHARE` of it and decide the layers they
@@ -24,8 +29,12 @@ from typing import Optional
 
 from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 
-# About 5 minutes of evaluations on EfficientNet-Lite2 on 2 CPU cores (benchmarks/second_order.json).
-SEARCH_MULTIPLY_ACCUMULATES = 1.0e13
+# About 2.5 minutes of evaluations on EfficientNet-Lite2 on 2 CPU cores (benchmarks/second_order.json).
+SEARCH_MULTIPLY_ACCUMULATES = 8.0e12
+# Fitted to the seconds per evaluation of ResNet-50 (3.9 G products, 9.1 M
+# quantized activation values per sample; 18 s) and EfficientNet-Lite2 (0.58 G,
+# 8.4 M; 5.8 s) on 2 cores, 205 samples each.
+ACTIVATION_VALUE_COST = 120
 MIN_SEARCH_EVALUATIONS = 16
 GRID_SHARE = 0.4
 GRANULARITY_SHARE = 0.2
@@ -43,7 +52,8 @@ class SearchBudget:
         powell: LAPQ's Powell evaluation budget.
         evaluations: the total the scaled budget allows (None when
             `refine_evaluations` set it).
-        multiply_accumulates: of one evaluation.
+        multiply_accumulates: the cost of one evaluation, activation
+            values included (`ACTIVATION_VALUE_COST`).
     """
 
     grid: Optional[int]
@@ -54,7 +64,7 @@ class SearchBudget:
 
     def describe(self):
         """One line for the step reports."""
-        cost = f"{self.multiply_accumulates / 1e9:.3g} G multiply-accumulates per evaluation"
+        cost = f"{self.multiply_accumulates / 1e9:.3g} G multiply-accumulates per evaluation, activation values included"
         if self.grid is None:
             return f"search budget: every grid and granularity candidate, Powell {self.powell} ({cost})"
         return (
@@ -89,7 +99,12 @@ def multiply_accumulates(features, tensor_shape):
     return math.prod(kernel_shape) * max(values // max(per_position, 1), 1)
 
 
-def search_budget(multiply_accumulates, samples, needs, evaluations):
+def activation_values(tensor_shape):
+    """The values of one sample an activation quantizer rounds: its tensor's size, batch excluded."""
+    return math.prod(int(d) for d in tensor_shape[1:] if d is not None)
+
+
+def search_budget(multiply_accumulates, samples, needs, evaluations, activation_values=0):
     """The `SearchBudget` of a refinement.
 
     Args:
@@ -100,8 +115,10 @@ def search_budget(multiply_accumulates, samples, needs, evaluations):
         evaluations: `ConversionConfig.refine_evaluations`: None scales
             the budget to the model; an int is Powell's budget, with grid
             and granularity unbounded.
+        activation_values: of one sample, summed over the activation
+            quantizers (`activation_values`).
     """
-    cost = int(multiply_accumulates) * int(samples)
+    cost = (int(multiply_accumulates) + ACTIVATION_VALUE_COST * int(activation_values)) * int(samples)
     if evaluations is not None:
         return SearchBudget(None, None, int(evaluations), None, cost)
     total = max(MIN_SEARCH_EVALUATIONS, int(SEARCH_MULTIPLY_ACCUMULATES // max(cost, 1)))
