@@ -8,8 +8,8 @@ import keras_powerquant as kpq
 from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 from keras_powerquant.refinement import budget as budget_module
 from keras_powerquant.refinement.budget import ACTIVATION_VALUE_COST
-from keras_powerquant.refinement.budget import MIN_SEARCH_EVALUATIONS
 from keras_powerquant.refinement.budget import activation_values
+from keras_powerquant.refinement.budget import MIN_SEARCH_EVALUATIONS
 from keras_powerquant.refinement.budget import multiply_accumulates
 from keras_powerquant.refinement.budget import search_budget
 from keras_powerquant.refinement.second_order import LayerFeatures

@@ -201,7 +201,7 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
 
 
 def _search_budget(objective, plan, settings, config):
-    """The `SearchBudget` of the search steps, from the cost of one evaluation of `objective` (products and activation values)."""
+    """The `SearchBudget` of the search steps, from the cost of one evaluation of `objective`."""
     layer_plans = {p.layer.name: p for p in plan.layers.values()}
     total = 0
     for name, layer in objective.kernel_layers.items():

@@ -64,7 +64,7 @@ class SearchBudget:
 
     def describe(self):
         """One line for the step reports."""
-        cost = f"{self.multiply_accumulates / 1e9:.3g} G multiply-accumulates per evaluation, activation values included"
+        cost = f"{self.multiply_accumulates / 1e9:.3g} G multiply-accumulates per evaluation, values included"
         if self.grid is None:
             return f"search budget: every grid and granularity candidate, Powell {self.powell} ({cost})"
         return (
