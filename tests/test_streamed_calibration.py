@@ -98,37 +98,37 @@ def test_one_pass_bias_correction_equals_the_pass_per_wave(name, monkeypatch):
                                rtol=1e-3, atol=1e-4)
 
 
-class _PlainReservoir(calibration.ReservoirSampler):
-    """The sampler without its large-chunk shortcut: a partition over every value."""
-
-    def add(self, chunk):
-        chunk = np.asarray(chunk, dtype=np.float32).ravel()
-        self.seen += chunk.size
-        priorities = self._rng.random(chunk.size, dtype=np.float32)
-        if self._values.size >= self.capacity:
-            keep = priorities < self._priorities.max()
-            chunk, priorities = chunk[keep], priorities[keep]
-        values = np.concatenate([self._values, chunk])
-        priorities = np.concatenate([self._priorities, priorities])
-        if values.size > self.capacity:
-            kept = np.argpartition(priorities, self.capacity - 1)[: self.capacity]
-            values, priorities = values[kept], priorities[kept]
-        self._values, self._priorities = values, priorities
-
-
-@pytest.mark.parametrize("chunks", [[200_000, 50_000, 300_000], [3_000, 200_000, 7_000], [1_000_000]])
-def test_reservoir_shortcut_keeps_the_same_sample(chunks):
-    """Large chunks skip most of the partition; the kept values are the same set."""
+@pytest.mark.parametrize("chunks", [[200_000, 50_000, 300_000], [3_000, 200_000, 7_000], [6_000, 1_000_000]])
+def test_reservoir_takes_from_each_chunk_its_share_of_the_stream(chunks):
+    """Each chunk's values make up its share of the sample, however large or small the chunk."""
     capacity = 10_000
-    fast, plain = calibration.ReservoirSampler(capacity, seed=3), _PlainReservoir(capacity, seed=3)
-    rng = np.random.default_rng(0)
-    for size in chunks:
-        chunk = rng.standard_normal(size).astype(np.float32)
-        fast.add(chunk)
-        plain.add(chunk)
-        assert fast.values.size == plain.values.size <= capacity
-    np.testing.assert_array_equal(np.sort(fast.values), np.sort(plain.values))
-    assert fast.seen == plain.seen == sum(chunks)
+    sampler = calibration.ReservoirSampler(capacity, seed=3)
+    for index, size in enumerate(chunks):
+        sampler.add(np.full(size, index, dtype=np.float32))
+    assert sampler.values.size == capacity and sampler.seen == sum(chunks)
+    counts = np.bincount(sampler.values.astype(int), minlength=len(chunks))
+    shares = np.asarray(chunks) / sum(chunks)
+    # Binomial spread (the hypergeometric one is smaller): within 4 standard errors.
+    assert np.all(np.abs(counts / capacity - shares) < 4 * np.sqrt(shares * (1 - shares) / capacity) + 1e-12)
+    # Any prefix is a uniform sample too (the values are shuffled).
+    prefix = np.bincount(sampler.values[: capacity // 4].astype(int), minlength=len(chunks)) / (capacity // 4)
+    assert np.all(np.abs(prefix - shares) < 4 * np.sqrt(shares * (1 - shares) / (capacity // 4)) + 1e-12)
+
+
+def test_reservoir_keeps_every_value_until_full_and_repeats_for_a_seed():
+    values = np.arange(900, dtype=np.float32)
+    sampler = calibration.ReservoirSampler(1000, seed=0)
+    sampler.add(values[:500])
+    sampler.add(values[500:])
+    np.testing.assert_array_equal(np.sort(sampler.values), values)
+    runs = []
+    for _ in range(2):
+        again = calibration.ReservoirSampler(100, seed=5)
+        for start in range(0, 900, 70):
+            again.add(values[start : start + 70])
+        runs.append(again.values)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.unique(runs[0]).size == 100
 
 
 def test_stage_clock_estimates_from_the_rate_after_the_first_item():
