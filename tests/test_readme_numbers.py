@@ -44,6 +44,17 @@ def _refinement(method):
     return 100.0 * row["top1"]
 
 
+def _efficientnet(bits, refine):
+    rows = _json("second_order.json")["parts"]["efficientnet"]["rows"]
+    label = "refine=True" if refine else "no refinement"
+    return tuple(
+        100.0 * row["top1"]
+        for method in ("uniform", "powerquant")
+        for row in rows
+        if row["bits"] == bits and row["method"] == method and row["refine"].startswith(label)
+    )
+
+
 # README row label -> (uniform, PowerQuant) from the results files.
 EXPECTED = {
     "W8/A8, data-free": lambda: (_separable((8, 8), "uniform"), _separable((8, 8), "powerquant")),
@@ -52,6 +63,9 @@ EXPECTED = {
     "W4/A8, calibrated": lambda: (_bias_correction((4, 8), "uniform"), _bias_correction((4, 8), "powerquant")),
     "W4/A4, calibrated": lambda: (_bias_correction((4, 4), "uniform"), _bias_correction((4, 4), "powerquant")),
     "W4/A4, calibrated, `refine=True`": lambda: (_refinement("uniform"), _refinement("powerquant")),
+    "W4/A8, no refinement": lambda: _efficientnet("W4/A8", False),
+    "W4/A8, `refine=True`": lambda: _efficientnet("W4/A8", True),
+    "W4/A4, `refine=True`": lambda: _efficientnet("W4/A4", True),
 }
 
 
@@ -79,3 +93,9 @@ def test_the_float_accuracy_is_the_recorded_one():
     (quoted,) = re.findall(r"Float: (\d+\.\d\d)\.", text)
     hits = _json("bias_correction.json")["measured-output-means"]["models"]["ResNet-8"]["float"]
     assert float(quoted) == round(_top1_from_hits(hits), 2)
+
+
+def test_the_efficientnet_float_accuracy_is_the_recorded_one():
+    text = README.read_text(encoding="utf-8")
+    (quoted,) = re.findall(r"paired; float (\d+\.\d\d)\)", text)
+    assert float(quoted) == round(100.0 * _json("second_order.json")["parts"]["efficientnet"]["float_top1"], 2)
