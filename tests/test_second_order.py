@@ -313,3 +313,22 @@ def test_rows_per_layer_are_bounded_in_bytes_but_never_below_four_per_input():
     assert 4 * 25 <= wide < step.ROWS and 4 * 1536 * 25 * wide <= step.ROW_BYTES
     # A kernel with more inputs than the byte bound allows still gets 4 rows per input.
     assert step.row_count(1, 4608) == 4 * 4608
+
+
+def test_a_pass_offers_least_squares_only_until_one_of_its_layers_changed(monkeypatch):
+    """Later layers of a pass were read before an earlier one's new codes: no least-squares target for them."""
+    from keras_powerquant.refinement import second_order as step
+    from tests import models
+
+    model = models.build("mobilenet", seed=0)
+    x = models.reference_inputs(model, n=64, seed=3)
+    monkeypatch.setattr(step, "MAX_PASSES", 1)
+    _, report = kpq.convert(model, 4, 8, calibration_data=x, refine=["gptq"], refine_samples=64)
+    (gptq,) = report.refinement
+    assert gptq["notes"][0].endswith("layers in 1 input passes")
+    decisions = gptq["decisions"]
+    first_change = next(i for i, d in enumerate(decisions) if d["chosen"] != "nearest")
+    for index, decision in enumerate(decisions):
+        offered = "held_out_error_least_squares_second_order" in decision
+        assert offered == (index <= first_change), decision["name"]
+    assert gptq["loss_after"] <= gptq["loss_before"]
