@@ -8,9 +8,9 @@ import keras_powerquant as kpq
 from keras_powerquant.limits import DEFAULT_MAX_EVALUATIONS
 from keras_powerquant.refinement import budget as budget_module
 from keras_powerquant.refinement.budget import ACTIVATION_VALUE_COST
-from keras_powerquant.refinement.budget import activation_values
 from keras_powerquant.refinement.budget import MIN_SEARCH_EVALUATIONS
 from keras_powerquant.refinement.budget import multiply_accumulates
+from keras_powerquant.refinement.budget import sample_values
 from keras_powerquant.refinement.budget import search_budget
 from keras_powerquant.refinement.second_order import LayerFeatures
 from tests import models
@@ -65,9 +65,9 @@ def test_an_expensive_model_shares_a_budget_that_shrinks_with_its_cost(per_sampl
 
 
 def test_activation_values_are_counted_at_their_cost():
-    assert activation_values((None, 8, 8, 16)) == 8 * 8 * 16
+    assert sample_values((None, 8, 8, 16)) == 8 * 8 * 16
     products_only = search_budget(5e8, 256, NEEDS, None)
-    with_values = search_budget(5e8, 256, NEEDS, None, activation_values=8e6)
+    with_values = search_budget(5e8, 256, NEEDS, None, values=8e6)
     assert with_values.multiply_accumulates == (int(5e8) + ACTIVATION_VALUE_COST * int(8e6)) * 256
     assert with_values.evaluations < products_only.evaluations
 

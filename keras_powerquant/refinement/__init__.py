@@ -15,8 +15,8 @@ import numpy as np
 from keras_powerquant.limits import HOLDOUT_EVERY
 from keras_powerquant.limits import MIN_HOLDOUT
 from keras_powerquant.quantization.search import ActivationErrorModel
-from keras_powerquant.refinement.budget import activation_values
 from keras_powerquant.refinement.budget import multiply_accumulates
+from keras_powerquant.refinement.budget import sample_values
 from keras_powerquant.refinement.budget import search_budget
 from keras_powerquant.refinement.data import check_labels
 from keras_powerquant.refinement.data import in_memory_size
@@ -209,7 +209,7 @@ def _search_budget(objective, plan, settings, config):
         tensor = layer.input if features.reason is not None else layer.output
         total += multiply_accumulates(features, tensor.shape)
     values = sum(
-        activation_values(layer.output.shape)
+        sample_values(layer.output.shape)
         for key, layer in objective.activation_layers.items()
         if plan.quantizers[key].quantized
     )

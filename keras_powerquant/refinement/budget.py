@@ -16,11 +16,11 @@ sample, times the samples fitted on: the quantized layers' products, plus
 CPU spends about as long on one fake-quantized value, a dozen elementwise
 operations bound by memory, as on that many products in a convolution;
 without it a model of depthwise blocks, with few products per value, would
-be budgeted three times the time of a ResNet of the same count). A count, not a clock: the same model and
-subsample get the same budget on every machine, so results stay
-deterministic. Where the budget is short, `grid` and `granularity` get at
-most `GRID_SHARE` and `GRANULARITY_SHARE` of it and decide the layers they
-reach; LAPQ's Powell search gets the rest.
+be budgeted three times the time of a ResNet of the same count). A count,
+not a clock: the same model and subsample get the same budget on every
+machine, so results stay deterministic. Where the budget is short, `grid`
+and `granularity` get at most `GRID_SHARE` and `GRANULARITY_SHARE` of it
+and decide the layers they reach; LAPQ's Powell search gets the rest.
 """
 
 import dataclasses
@@ -95,16 +95,16 @@ def multiply_accumulates(features, tensor_shape):
         per_position = kernel_shape[-2] * kernel_shape[-1]
     else:
         per_position = kernel_shape[-1]
-    values = math.prod(int(d) for d in tensor_shape[1:] if d is not None)
+    values = sample_values(tensor_shape)
     return math.prod(kernel_shape) * max(values // max(per_position, 1), 1)
 
 
-def activation_values(tensor_shape):
-    """The values of one sample an activation quantizer rounds: its tensor's size, batch excluded."""
+def sample_values(tensor_shape):
+    """The values of one sample of a tensor: its size, batch excluded (unknown dimensions count as 1)."""
     return math.prod(int(d) for d in tensor_shape[1:] if d is not None)
 
 
-def search_budget(multiply_accumulates, samples, needs, evaluations, activation_values=0):
+def search_budget(multiply_accumulates, samples, needs, evaluations, values=0):
     """The `SearchBudget` of a refinement.
 
     Args:
@@ -115,10 +115,10 @@ def search_budget(multiply_accumulates, samples, needs, evaluations, activation_
         evaluations: `ConversionConfig.refine_evaluations`: None scales
             the budget to the model; an int is Powell's budget, with grid
             and granularity unbounded.
-        activation_values: of one sample, summed over the activation
-            quantizers (`activation_values`).
+        values: activation values of one sample, summed over the
+            activation quantizers (`sample_values` of their tensors).
     """
-    cost = (int(multiply_accumulates) + ACTIVATION_VALUE_COST * int(activation_values)) * int(samples)
+    cost = (int(multiply_accumulates) + ACTIVATION_VALUE_COST * int(values)) * int(samples)
     if evaluations is not None:
         return SearchBudget(None, None, int(evaluations), None, cost)
     total = max(MIN_SEARCH_EVALUATIONS, int(SEARCH_MULTIPLY_ACCUMULATES // max(cost, 1)))
