@@ -21,6 +21,10 @@ L = keras.layers
 # (y - mu) * s + beta); outputs here are softmax probabilities or values of
 # order 1, whose float32 rounding differences are ~1e-7.
 TOLERANCE = 1e-4
+# `unsupported` has a DepthwiseConv1D computing in float16 (eps ~1e-3), its
+# BatchNorm folded in: its rounding, not folding, decides (1.0005e-4 on an
+# Intel Xeon with AMX-FP16, below 1e-4 on an AMD EPYC).
+TOLERANCES = {"unsupported": 1e-3}
 
 
 def _max_abs_diff(a, b):
@@ -49,7 +53,7 @@ def test_folded_model_computes_the_same(folded_models, name):
     expected, got = M.predict(model, inputs), M.predict(folded, inputs)
     assert [e.shape for e in expected] == [g.shape for g in got]
     diff = _max_abs_diff(expected, got)
-    assert diff < TOLERANCE, f"{name}: folded model differs by {diff}"
+    assert diff < TOLERANCES.get(name, TOLERANCE), f"{name}: folded model differs by {diff}"
 
 
 @pytest.mark.parametrize("name", sorted(M.BUILDERS))
