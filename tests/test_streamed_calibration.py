@@ -211,15 +211,70 @@ def test_calibrated_conversion_runs_the_float_model_once_per_batch(monkeypatch):
     calls = []
     evaluate = FlatGraph.evaluate
 
-    def counting(self, inputs, call_op, keep=None):
+    def counting(self, inputs, call_op, keep=None, observe=None):
         if self.model is model:
             calls.append(int(inputs[0].shape[0]))
-        return evaluate(self, inputs, call_op, keep=keep)
+        return evaluate(self, inputs, call_op, keep=keep, observe=observe)
 
     monkeypatch.setattr(FlatGraph, "evaluate", counting)
     _, report = kpq.convert(model, 4, 4, calibration_data=data, calibration_batch_size=32)
     assert report.options["bias_correction"] == "empirical"
     assert calls == [32, 32, 32]
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "multi_io"])
+def test_compiled_calls_give_the_eager_values(name):
+    """Each op in its own traced function computes what its eager call computes, for any batch size."""
+    from keras_powerquant.converter.graph import CompiledCalls
+    from keras_powerquant.converter.graph import FlatGraph
+
+    model = models.build(name)
+    graph = FlatGraph(model)
+    keys = {key for op in graph.ops for key in op.output_keys}
+    compiled = CompiledCalls(training=False)
+    for size in (8, 5, 3):  # a second batch size, then a third: no retrace per size
+        data = models.reference_inputs(model, size, seed=size)
+        arrays = [data[t.name] for t in graph.input_tensors] if isinstance(data, dict) else data
+        inputs = [tf.convert_to_tensor(a) for a in (arrays if isinstance(arrays, (list, tuple)) else [arrays])]
+        eager = graph.evaluate(inputs, lambda op, args, kwargs: op.run(args, kwargs, training=False), keep=keys)[1]
+        traced = graph.evaluate(inputs, compiled, keep=keys)[1]
+        assert set(traced) == set(eager)
+        for key in eager:
+            np.testing.assert_allclose(np.asarray(traced[key]), np.asarray(eager[key]), rtol=1e-4, atol=1e-5)
+    functions = [f for f in compiled._functions.values()]
+    assert functions and all(f.experimental_get_tracing_count() <= 2 for f in functions)
+
+
+def test_eager_layers_see_values_and_observe_sees_each_value_once():
+    """Layers named eager run outside any trace (their hooks read numpy), and `observe`
+    gets every input and op output once, though nothing is kept."""
+    from keras_powerquant.converter.graph import CompiledCalls
+    from keras_powerquant.converter.graph import FlatGraph
+
+    model = models.build("resnet")
+    graph = FlatGraph(model)
+    hooked = next(op.layer for op in graph.ops if op.is_layer and linear_type(op.layer) is not None)
+    seen_eagerly = []
+    call = type(hooked).call
+
+    def spying(self, *args, **kwargs):
+        if self is hooked:
+            seen_eagerly.append(tf.executing_eagerly())
+        return call(self, *args, **kwargs)
+
+    observed = []
+    inputs = [tf.convert_to_tensor(models.reference_inputs(model, 4))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(hooked), "call", spying)
+        outputs, kept = graph.evaluate(
+            inputs, CompiledCalls(eager={id(hooked)}), keep=set(), observe=lambda key, value: observed.append(key)
+        )
+        assert seen_eagerly == [True]
+        graph.evaluate(inputs, CompiledCalls(), keep=set())
+        assert seen_eagerly == [True, False]
+    expected = list(graph.input_keys) + [key for op in graph.ops for key in op.output_keys]
+    assert observed == expected and kept == {}
+    np.testing.assert_allclose(np.asarray(outputs[0]), model.predict(inputs[0], verbose=0), rtol=1e-4, atol=1e-5)
 
 
 def test_input_means_count_only_the_first_samples():
@@ -228,7 +283,9 @@ def test_input_means_count_only_the_first_samples():
     batches = [rng.standard_normal((3, 4, 2, 3)) for _ in range(3)]
     for batch in batches:
         if means.wants_more:
-            means.add({"a": batch, "b": 2 * batch}, len(batch))
+            means.add("a", batch)
+            means.add("b", 2 * batch)
+            means.count(len(batch))
     counted = np.concatenate(batches[:2])  # 3 + 3 >= 5: the third batch is not counted
     np.testing.assert_allclose(means.means()["a"], counted.mean(axis=0))
     np.testing.assert_allclose(means.means()["b"], 2 * counted.mean(axis=0))

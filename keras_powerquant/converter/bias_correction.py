@@ -32,15 +32,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant.converter.graph import CompiledCalls
 from keras_powerquant.converter.graph import FlatGraph
 from keras_powerquant.converter.registry import linear_type
 from keras_powerquant.quantization.bias_correction import bias_shift
 from keras_powerquant.quantization.bias_correction import effective_kernel
 from keras_powerquant.quantization.bias_correction import tap_coverage
 
-# Batch size of the correction passes: larger batches than calibration's
-# default run the many passes faster; memory stays that of a few batches.
-_PASS_BATCH_SIZE = 128
+# Batch size of the correction pass, calibration's default: each op runs as
+# a traced function (`CompiledCalls`), where batches of 128 gain nothing and
+# EfficientNet-Lite2's tensors of 0.9 GB cost seconds to allocate the first time.
+_PASS_BATCH_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,13 +207,14 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, float_m
     values = {key: [batch[i] for batch in batches] for i, key in enumerate(quantized_graph.input_keys)}
     values = {key: [tf.convert_to_tensor(a) for a in chunks] for key, chunks in values.items()}
     done = 0
+    call_op = CompiledCalls(training=False)
     for op in quantized_graph.ops:
         key = by_quantized_layer.get(id(op.layer)) if op.is_layer else None
         if key is not None and key not in corrections:
             layer_plan = plan.layers[key]
             chunks = values[op.input_key]
-            total = sum(tf.reduce_sum(tf.cast(chunk, tf.float64), axis=0) for chunk in chunks)
-            quantized_mean = total.numpy() / sum(int(chunk.shape[0]) for chunk in chunks)
+            total = sum(tf.reduce_sum(chunk, axis=0).numpy().astype(np.float64) for chunk in chunks)
+            quantized_mean = total / sum(int(chunk.shape[0]) for chunk in chunks)
             response = _LinearResponse(layer_plan.layer)
             dequantized = linear_type(layer_plan.layer).converter_kernel(
                 layer_plan.layer, keras.ops.convert_to_numpy(quantized_layers[key].dequantized_kernel())
@@ -227,7 +230,7 @@ def empirical_corrections(graph, plan, model, quantized_layers, batches, float_m
         outputs = []
         for i in range(len(batches)):
             args, kwargs = op.call_arguments({k: values[k][i] for k in op.input_keys})
-            outputs.append(keras.tree.flatten(op.run(args, kwargs, training=False)))
+            outputs.append(keras.tree.flatten(call_op(op, args, kwargs)))
         for j, out_key in enumerate(op.output_keys):
             values[out_key] = [chunk_outputs[j] for chunk_outputs in outputs]
         for in_key in op.input_keys:

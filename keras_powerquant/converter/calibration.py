@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_powerquant.converter.graph import CompiledCalls
 from keras_powerquant.errors import CalibrationDataError
 from keras_powerquant.limits import DEFAULT_CALIBRATION_BATCH_SIZE
 
@@ -22,7 +23,7 @@ class ReservoirSampler:
     hypergeometric (the chunk's `size` values among `seen + size`); the
     chunk's are picked from it, the others from the values kept, themselves
     a uniform subset of the values before it. Each chunk costs time in the
-    values kept, not in its size: an ImageNet model's activations are
+    values it gives, not in its size: an ImageNet model's activations are
     billions of values per calibration set, which drawing a priority per
     value took 6 ns each to sample. Deterministic for a given seed.
     """
@@ -52,9 +53,15 @@ class ReservoirSampler:
         else:
             taken = min(int(self._rng.binomial(self.capacity, size / (seen + size))), size)
         new = chunk[self._rng.choice(size, taken, replace=False)]
-        old = self._values[self._rng.choice(self._values.size, self.capacity - taken, replace=False)]
-        # Shuffled, so that any prefix of the sample is a uniform sample too.
-        self._values = self._rng.permutation(np.concatenate([old, new]))
+        if self._values.size < self.capacity:
+            old = self._values[self._rng.choice(self._values.size, self.capacity - taken, replace=False)]
+            # Shuffled, so that any prefix of the sample is a uniform sample too.
+            self._values = self._rng.permutation(np.concatenate([old, new]))
+        else:
+            # The new values replace the old ones at uniformly chosen
+            # positions, in random order: the sample stays shuffled, at a
+            # cost in `taken` rather than in `capacity`.
+            self._values[self._rng.choice(self.capacity, taken, replace=False)] = new
 
     @property
     def values(self):
@@ -282,11 +289,15 @@ class InputMeans:
     def wants_more(self):
         return self.samples < self.max_samples
 
-    def add(self, tensors, batch_size):
-        """Adds a batch: `tensors[key]` for every key, `batch_size` samples each."""
-        for key in self.keys:
-            sums = np.sum(np.asarray(tensors[key]), axis=0, dtype=np.float64)
-            self._sums[key] = sums if self._sums[key] is None else self._sums[key] + sums
+    def add(self, key, values):
+        """Adds one batch's `values` of tensor `key` (then `count` the batch once its keys are added)."""
+        # Each batch summed in float32 (TensorFlow's reduction, ten times
+        # numpy's float64 one), the batches accumulated in float64.
+        sums = tf.reduce_sum(values, axis=0).numpy().astype(np.float64)
+        self._sums[key] = sums if self._sums[key] is None else self._sums[key] + sums
+
+    def count(self, batch_size):
+        """Counts a batch of `batch_size` samples, added for every key."""
         self.samples += int(batch_size)
 
     def means(self):
@@ -294,7 +305,9 @@ class InputMeans:
         return {key: self._sums[key] / self.samples for key in self.keys}
 
 
-def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None, input_means=None):
+def record_samples(
+    graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, progress=None, input_means=None, eager_layers=()
+):
     """Runs the float model on calibration batches and samples the given tensors.
 
     Args:
@@ -304,23 +317,37 @@ def record_samples(graph, batches, keys, capacity=DEFAULT_SAMPLES_PER_TENSOR, pr
         capacity: values kept per tensor.
         progress: optional `progress(done_batches)` callback.
         input_means: optional `InputMeans`, fed in the same pass.
+        eager_layers: ids of layers to call eagerly (`CompiledCalls`).
 
     Returns:
         A dict from key to a 1-D float32 array of sampled values.
     """
     keys = list(dict.fromkeys(keys))
     samplers = {key: ReservoirSampler(capacity, seed=i) for i, key in enumerate(keys)}
-    wanted = set(keys) | set(input_means.keys if input_means is not None else ())
+    call_op = CompiledCalls(eager=eager_layers)
     for done, batch in enumerate(batches, start=1):
-        inputs = [keras.ops.convert_to_tensor(a) for a in batch]
-        _, kept = graph.evaluate(
-            inputs, lambda op, args, kwargs: op.layer(*args, **kwargs), keep=wanted
-        )
-        kept = {key: keras.ops.convert_to_numpy(value) for key, value in kept.items() if key in wanted}
-        for key in keys:
-            samplers[key].add(kept[key])
-        if input_means is not None and input_means.wants_more:
-            input_means.add(kept, len(batch[0]))
+        means = input_means if input_means is not None and input_means.wants_more else None
+        # Each value is read as it is computed and dropped after its last
+        # use: a batch never holds all the sampled tensors at once (4 GB for
+        # 32 EfficientNet-Lite2 images).
+        observe = _observer(samplers, means)
+        graph.evaluate([keras.ops.convert_to_tensor(a) for a in batch], call_op, keep=set(), observe=observe)
+        if means is not None:
+            means.count(len(batch[0]))
         if progress is not None:
             progress(done)
     return {key: sampler.values for key, sampler in samplers.items()}
+
+
+def _observer(samplers, means):
+    """The `observe` of one batch: feeds `samplers` by key and, when not None, `means`."""
+    mean_keys = set(means.keys) if means is not None else set()
+
+    def observe(key, value):
+        if key in samplers:
+            # `np.asarray` views the tensor's buffer; `convert_to_numpy` copies it.
+            samplers[key].add(np.asarray(value))
+        if key in mean_keys:
+            means.add(key, value)
+
+    return observe
