@@ -35,6 +35,7 @@ import tensorflow as tf
 from keras_powerquant.converter.graph import CompiledCalls
 from keras_powerquant.converter.graph import FlatGraph
 from keras_powerquant.converter.registry import linear_type
+from keras_powerquant.limits import DEFAULT_CALIBRATION_BATCH_SIZE
 from keras_powerquant.quantization.bias_correction import bias_shift
 from keras_powerquant.quantization.bias_correction import effective_kernel
 from keras_powerquant.quantization.bias_correction import tap_coverage
@@ -42,7 +43,7 @@ from keras_powerquant.quantization.bias_correction import tap_coverage
 # Batch size of the correction pass, calibration's default: each op runs as
 # a traced function (`CompiledCalls`), where batches of 128 gain nothing and
 # EfficientNet-Lite2's tensors of 0.9 GB cost seconds to allocate the first time.
-_PASS_BATCH_SIZE = 32
+_PASS_BATCH_SIZE = DEFAULT_CALIBRATION_BATCH_SIZE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,7 +91,7 @@ class CompiledCalls:
     Keras layers called eagerly run 3 to 5 times slower on a CPU than in a
     graph, where Grappler and oneDNN fuse their kernels: EfficientNet-Lite2
     on 256 images, 23 s eagerly against 4.7 s op by op in graphs and 3.7 s
-    as one graph (benchmarks/calibration_time.py's stages). One function
+    as one graph (measured on 2 cores). One function
     per op keeps the walk of `evaluate` (values kept or dropped between
     ops, variables assigned between ops, as bias correction does). Each op
     is traced on its first call and once more for another batch size

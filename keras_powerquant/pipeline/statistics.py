@@ -21,7 +21,8 @@ from keras_powerquant.synthesis import SyntheticData
 # (1.6% at 64); the pass holds every sample's tensors at each point of the
 # graph, so its time and memory grow with n: EfficientNet-Lite2 W4/A8, 256
 # images, 15 s at 256 and 6 s at 64, top-1 on 394 test images 81.73 and
-# 82.23 (benchmarks/calibration_time.py).
+# 82.23 (runs side by side on 2 cores; benchmarks/calibration_time.json
+# records the conversion at 64).
 BIAS_CORRECTION_SAMPLES = 64
 # The short synthetic run of `data_free_fallback`: few samples (each gives
 # every spatial position of every tensor), few Adam steps, and a bound on
