@@ -179,6 +179,27 @@ def test_convert_with_synthetic_calibration(resnet_style):
         kpq.convert(resnet_style, 8, 8, calibration_data="synthetc")
 
 
+def _corrections(report):
+    """How the layers' biases were corrected (those that were)."""
+    methods = {layer.bias_correction for layer in report.layers}
+    return {m for m in methods if m is not None and not m.startswith("none")}
+
+
+def test_synthetic_data_corrects_biases_from_batch_norm_statistics(resnet_style):
+    """Shifts measured on synthetic inputs are not real data's; where BatchNorm gives them, they are computed."""
+    synthetic = kpq.SyntheticData(num_samples=8, steps=5, batch_size=8)
+    _, report = kpq.convert(resnet_style, 4, 8, calibration_data=synthetic, refine=["grid"])
+    assert report.options["bias_correction"] == "analytic"
+    assert _corrections(report) == {"analytic"}
+    _, data_free = kpq.convert(resnet_style, 4, 8)
+    assert data_free.options["bias_correction"] == "analytic"
+    # Asked for by name, or on a model without BatchNorm, the shifts are measured on the synthetic samples.
+    _, asked = kpq.convert(resnet_style, 4, 8, calibration_data=synthetic, bias_correction="empirical")
+    assert _corrections(asked) == {"empirical"}
+    _, plain = kpq.convert(_mlp_classifier(), 8, 8, calibration_data=synthetic)
+    assert plain.options["bias_correction"] == "empirical"
+
+
 # ---------------------------------------------------------------------------
 # Command line.
 

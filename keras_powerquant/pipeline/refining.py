@@ -10,4 +10,5 @@ def refine(request, analysis, statistics):
     return refinement.refine_plan(
         analysis.graph, analysis.folds, analysis.plan, request.config, inputs=reservoir.inputs, labels=labels,
         samples=statistics.samples, budget=analysis.budget, progress=request.progress,
+        bias_correction=request.bias_correction,
     )

@@ -104,10 +104,16 @@ def make_request(model, args, config, options, calibration_data, calibration_lab
         calibration_data=None if synthetic is not None else calibration_data,
         synthetic=synthetic,
         labels=None if calibration_labels is None else check_labels(calibration_labels),
-        bias_correction=config.bias_correction_method(calibration_data is not None),
+        bias_correction=config.bias_correction_method(
+            calibration_data is not None, synthetic_with_batch_norm=synthetic is not None and _has_batch_norm(model)
+        ),
         notes=tuple(notes),
         progress=progress,
     )
+
+
+def _has_batch_norm(model):
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in keras_internals.all_layers(model))
 
 
 def check_weights(model):

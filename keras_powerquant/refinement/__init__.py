@@ -110,10 +110,12 @@ class Refinement:
     bias_shifts: dict
 
 
-def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=None, progress=None):
+def refine_plan(
+    graph, folds, plan, config, *, inputs, labels, samples, budget=None, progress=None, bias_correction=None
+):
     """Runs the refinement steps of `config.refine` on a fitted plan; returns a `Refinement`.
 
-    With empirical bias correction (`config.bias_correction_method`), the
+    With empirical bias correction (`bias_correction`), the
     loss the steps minimise is that of the bias-corrected network (see
     `tunable`), and the returned shifts are the corrections that loss
     applied, so the exported model is the one refinement chose.
@@ -129,11 +131,13 @@ def refine_plan(graph, folds, plan, config, *, inputs, labels, samples, budget=N
         samples: recorded activation samples by quantizer key.
         budget: mixed-precision budget from `size_budget`, or None.
         progress: `progress(stage, done, total)` or None.
+        bias_correction: the correction conversion runs after refinement
+            ("empirical", "analytic" or None: the request's).
 
     Returns:
         A `Refinement`.
     """
-    correct_bias = config.bias_correction_method(True) == "empirical"
+    correct_bias = bias_correction == "empirical"
     fit, holdout = holdout_split(inputs[0].shape[0])
     objective = NetworkObjective(
         graph,
