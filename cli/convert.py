@@ -161,8 +161,8 @@ def _float_parts(report):
               help="Fit a weight clip fraction per layer jointly with its exponent [default: as kpq.convert].")
 @click.option("--bias-correction", type=click.Choice(["auto", "analytic", "empirical", "off"]), default="auto",
               show_default=True,
-              help="Subtract each layer's mean output shift from its bias: auto = empirical with "
-              "--calibration-data, analytic (BatchNorm statistics) without.")
+              help="Subtract each layer's mean output shift from its bias: auto = empirical (measured) with "
+              "real --calibration-data, analytic (BatchNorm statistics) without or with synthetic data.")
 @click.option(
     "--refine",
     is_flag=False,
