@@ -23,7 +23,8 @@ What is measured (first and last layers at 8 bits, the defaults; 2 CPU cores):
 
 `python benchmarks/second_order.py [--quick] [--json benchmarks/second_order.json]`
 (`--quick`: ResNet-8 only). `KPQ_BENCHMARK_PARTS=resnet8,efficientnet,resnet50`
-picks parts (also `efficientnet_synthetic`).
+picks parts (also `efficientnet_synthetic`, and `efficientnet_powerquant_w4a8`: the
+`efficientnet` part's PowerQuant W4/A8 rows alone).
 """
 
 import gc
@@ -69,11 +70,11 @@ def _steps(report):
     return [{**{k: step[k] for k in keys}, "notes": step["notes"]} for step in report.refinement]
 
 
-def _accuracy_rows(name, model, x, y, calibration, rows, configurations):
+def _accuracy_rows(name, model, x, y, calibration, rows, configurations, methods=METHODS):
     float_hits = common.top1_hits(model, x, y)
     results, hits = [], {}
     for bits in configurations:
-        for method in METHODS:
+        for method in methods:
             for label, refine in rows:
                 # The last conversion's model and graphs go before the next starts: ImageNet-size ones take GBs.
                 quantized = report = None
@@ -109,6 +110,17 @@ def _efficientnet():
     n = EFFICIENTNET_CALIBRATION
     rows = (("no refinement", False), ("refine=True (grid, granularity, LAPQ, gptq)", True))
     result = _accuracy_rows("EfficientNet-Lite2", model, x[n:], y[n:], x[:n], rows, [(4, 8), (4, 4)])
+    result["calibration_images"] = n
+    return result
+
+
+def _efficientnet_powerquant_w4a8():
+    """The `efficientnet` part's PowerQuant W4/A8 rows alone: a quicker check of refinement's time and top-1."""
+    model = kpq.load_model(common.shared_file(EFFICIENTNET_FILE))
+    x, y = calibration_time.imagenet()
+    n = EFFICIENTNET_CALIBRATION
+    rows = (("no refinement", False), ("refine=True (grid, granularity, LAPQ, gptq)", True))
+    result = _accuracy_rows("EfficientNet-Lite2", model, x[n:], y[n:], x[:n], rows, [(4, 8)], ("powerquant",))
     result["calibration_images"] = n
     return result
 
@@ -173,6 +185,7 @@ def _resnet50():
 PARTS = {
     "resnet8": _resnet8,
     "efficientnet": _efficientnet,
+    "efficientnet_powerquant_w4a8": _efficientnet_powerquant_w4a8,
     "efficientnet_synthetic": _efficientnet_synthetic,
     "resnet50": _resnet50,
 }

@@ -189,7 +189,7 @@ def _read(reader, objective, batches):
     """`(index, [layer inputs as numpy])` per batch, each batch's bias-correction means in place."""
     for index, xs in enumerate(batches):
         objective.use_batch(index)
-        outputs = reader(xs if len(xs) > 1 else xs[0], training=False)
+        outputs = reader(xs if len(xs) > 1 else xs[0])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         yield index, [np.asarray(x) for x in outputs]
 
@@ -243,6 +243,7 @@ def gptq_step(context, settings):
     the layer's output error on rows held out from their fit.
     """
     import keras
+    import tensorflow as tf
 
     objective = context.objective
     start_loss = objective(settings)
@@ -273,7 +274,10 @@ def gptq_step(context, settings):
     current = settings
     done = 0
     for group in passes:
-        reader = keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
+        inputs_of = keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
+        # Traced: an eager call of the tunable model is several times slower on a CPU. Its layers'
+        # Python flags (`live`, `capturing`) do not change during this step; its settings are variables.
+        reader = tf.function(lambda x, model=inputs_of: model(x, training=False), reduce_retracing=True)
         rows_per_batch = {
             name: math.ceil(row_count(*features[name].hessian_shape) / len(batches)) for name in group
         }
