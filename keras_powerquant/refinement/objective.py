@@ -85,15 +85,14 @@ class NetworkObjective:
             holdout_batches, holdout_labels = _batched(holdout_inputs, holdout_labels, batch_size)
             self._all_batches += holdout_batches
             self._labels += holdout_labels
-        # Traced: an eager call of the float model is several times slower on a CPU.
-        float_model = tf.function(lambda x: graph.model(x, training=False), reduce_retracing=True)
+        float_model = traced_inference(graph.model)
         references = [[np.asarray(o) for o in _flat(float_model(_model_inputs(xs)))] for xs in self._all_batches]
         self.kinds = [self._output_kind(np.concatenate([r[i] for r in references])) for i in range(len(references[0]))]
         self.references = [[tf.constant(o) for o in batch] for batch in references]
         self.labelled = labels is not None
         self._batch_loss = tf.function(self._batch_loss_eager)
-        # A plain traced call of the evaluation model, for the passes that read its layers' variables after it.
-        self._forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        # A plain call of the evaluation model, for the passes that read its layers' variables after it.
+        self._forward = traced_inference(self.model)
         self.evaluations = 0
         self.seconds = 0.0
         self._assigned = {}
@@ -274,6 +273,16 @@ class NetworkObjective:
                 log_p = _log_probabilities(reference, probabilities)
                 loss += tf.reduce_sum(tf.exp(log_p) * (log_p - log_q))
         return loss
+
+
+def traced_inference(model):
+    """`model(x, training=False)` as a `tf.function`: an eager Keras call is several times slower on a CPU.
+
+    The trace fixes the layers' Python attributes (a tunable layer's `live`,
+    `capturing`) as they are at its first call; their variables are read at
+    every call.
+    """
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
 def _batched(inputs, labels, batch_size):

@@ -31,6 +31,7 @@ from keras_powerquant.quantization.second_order import PowerGrid
 from keras_powerquant.quantization.second_order import target_error
 from keras_powerquant.quantization.second_order import TargetAccumulator
 from keras_powerquant.quantization.weights import channel_scales
+from keras_powerquant.refinement.objective import traced_inference
 from keras_powerquant.refinement.settings import ExplicitCodes
 from keras_powerquant.refinement.steps import StepReport
 
@@ -243,7 +244,6 @@ def gptq_step(context, settings):
     the layer's output error on rows held out from their fit.
     """
     import keras
-    import tensorflow as tf
 
     objective = context.objective
     start_loss = objective(settings)
@@ -274,10 +274,10 @@ def gptq_step(context, settings):
     current = settings
     done = 0
     for group in passes:
-        inputs_of = keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
-        # Traced: an eager call of the tunable model is several times slower on a CPU. Its layers'
-        # Python flags (`live`, `capturing`) do not change during this step; its settings are variables.
-        reader = tf.function(lambda x, model=inputs_of: model(x, training=False), reduce_retracing=True)
+        # The tunable layers' Python flags do not change during this step; its settings are variables.
+        reader = traced_inference(
+            keras.Model(objective.model.inputs, [objective.kernel_layers[n].input for n in group])
+        )
         rows_per_batch = {
             name: math.ceil(row_count(*features[name].hessian_shape) / len(batches)) for name in group
         }
